@@ -1,0 +1,1 @@
+//! Integration tests: real guests under KVM.
