@@ -1,0 +1,225 @@
+//! PID 1: prepare the guest, run the container command, report, reboot.
+//!
+//! Every guest system call costs about 0.6 ms when the guest kernel is
+//! interpreted (and fork far more), so the sequence below is the minimum:
+//! about ten calls before the command starts, a few after it ends. On a normal
+//! run the agent prints nothing, so the command's output is all there is.
+//! Problems are one line on the console starting with `vmm-agent: `.
+
+use std::ffi::{CStr, CString};
+use std::fmt::Display;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStringExt;
+
+use crate::cmdline::{self, Namespaces};
+use crate::command;
+use crate::status::{self, STATUS_PORT};
+use crate::sys::{self, SpawnStep};
+
+/// The guest's hostname.
+pub const HOSTNAME: &[u8] = b"vmm";
+/// Interactive shells, first one present wins.
+const BASH: &CStr = c"/bin/bash";
+const SH: &CStr = c"/bin/sh";
+
+/// Runs the agent; never returns (the machine reboots).
+pub fn main() -> ! {
+    let status = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+        say("internal error (panic); shutting down");
+        status::CANNOT_EXECUTE
+    });
+    shutdown(status)
+}
+
+/// Prints one line on the console.
+pub fn say(msg: impl Display) {
+    // One write, so lines from concurrent writers do not interleave.
+    let line = format!("vmm-agent: {msg}\n");
+    let _ = io::stderr().write_all(line.as_bytes());
+}
+
+/// Everything up to the main process's exit; returns the status to report.
+fn run() -> u8 {
+    if sys::getpid() != 1 {
+        // Anywhere else, the shutdown below would kill every process and reboot.
+        say("must run as PID 1, the guest's init (it kills all processes and reboots when done)");
+        std::process::exit(2);
+    }
+    let args = match cmdline::parse(std::env::args_os().skip(1).map(OsStringExt::into_vec)) {
+        Ok(args) => args,
+        Err(e) => {
+            say(e);
+            return status::CANNOT_EXECUTE;
+        }
+    };
+    setup();
+
+    let argv = match args.command {
+        Some(argv) => argv,
+        None => interactive_shell(),
+    };
+    let env = command::environment(std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec())));
+    let candidates = command::candidates(&argv[0], command::path_of(&env));
+    let program = String::from_utf8_lossy(&argv[0]).into_owned();
+    let (Some(argv), Some(envp), Some(candidates)) =
+        (cstrings(argv), cstrings(env), cstrings(candidates))
+    else {
+        // Unreachable: the command was split at NULs and the environment filtered.
+        say(format!(
+            "cannot run {program}: an argument contains a NUL byte"
+        ));
+        return status::CANNOT_EXECUTE;
+    };
+    let spec = sys::Spawn {
+        candidates,
+        argv,
+        envp,
+        controlling_tty: true,
+        unshare_flags: unshare_flags(args.unshare),
+        workdir: CString::from(c"/"),
+    };
+    match sys::spawn(&spec) {
+        Ok(pid) => wait_for(pid),
+        Err(e) => {
+            say(format!("cannot run {program}: {e}"));
+            match e.step {
+                SpawnStep::Exec => status::from_exec_error(&e.error),
+                _ => status::CANNOT_EXECUTE,
+            }
+        }
+    }
+}
+
+/// Mounts the API filesystems and names the host. Failures are reported and
+/// skipped: the command may well run without them.
+fn setup() {
+    let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount(c"proc", c"/proc", c"proc", nosuid_nodev_noexec, None);
+    mount(c"sysfs", c"/sys", c"sysfs", nosuid_nodev_noexec, None);
+    // The kernel mounts devtmpfs on /dev itself (CONFIG_DEVTMPFS_MOUNT) when
+    // it mounts the root; only other kernels need this.
+    if !sys::exists(c"/dev/null") {
+        mount(
+            c"devtmpfs",
+            c"/dev",
+            c"devtmpfs",
+            libc::MS_NOSUID,
+            Some(c"mode=0755"),
+        );
+    }
+    // gid 5 is Debian's tty group, as in Docker.
+    mount(
+        c"devpts",
+        c"/dev/pts",
+        c"devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some(c"gid=5,mode=0620,ptmxmode=0666"),
+    );
+    mount(
+        c"shm",
+        c"/dev/shm",
+        c"tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(c"mode=1777"),
+    );
+    // Scratch space in memory instead of the journaled, virtio-backed root.
+    mount(
+        c"tmpfs",
+        c"/tmp",
+        c"tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(c"mode=1777"),
+    );
+    if let Err(e) = sys::sethostname(HOSTNAME) {
+        say(format!("sethostname: {e}"));
+    }
+}
+
+/// Mounts, creating the mount point only if it is missing (one more call,
+/// and only then: devtmpfs has no /dev/pts or /dev/shm).
+fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong, data: Option<&CStr>) {
+    let mut result = sys::mount(source, target, fstype, flags, data);
+    if matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
+        result = sys::mkdir(target, 0o755)
+            .and_then(|()| sys::mount(source, target, fstype, flags, data));
+    }
+    if let Err(e) = result {
+        say(format!(
+            "mount {} on {}: {e}",
+            fstype.to_string_lossy(),
+            target.to_string_lossy()
+        ));
+    }
+}
+
+/// argv for the interactive shell: bash when the image has it, else sh.
+fn interactive_shell() -> Vec<Vec<u8>> {
+    let shell = if sys::exists(BASH) { BASH } else { SH };
+    vec![shell.to_bytes().to_vec(), b"-i".to_vec()]
+}
+
+fn unshare_flags(ns: Namespaces) -> libc::c_int {
+    let mut flags = 0;
+    if ns.uts {
+        flags |= libc::CLONE_NEWUTS;
+    }
+    if ns.ipc {
+        flags |= libc::CLONE_NEWIPC;
+    }
+    if ns.mount {
+        flags |= libc::CLONE_NEWNS;
+    }
+    flags
+}
+
+fn cstrings(v: Vec<Vec<u8>>) -> Option<Vec<CString>> {
+    v.into_iter().map(|s| CString::new(s).ok()).collect()
+}
+
+/// Reaps every child (orphans are re-parented to PID 1) until the main
+/// process exits; returns its exit status.
+fn wait_for(main: libc::pid_t) -> u8 {
+    loop {
+        match sys::wait_any() {
+            Ok(Some((pid, st))) if pid == main => return status::from_wait_status(st),
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                say("lost track of the main process (no children left)");
+                return status::CANNOT_EXECUTE;
+            }
+            Err(e) => {
+                say(format!("waitpid: {e}"));
+                return status::CANNOT_EXECUTE;
+            }
+        }
+    }
+}
+
+/// Ends the container and the VM: kill and reap what is left, make the root
+/// filesystem clean, report `status` to the VMM and reboot. Never returns.
+pub fn shutdown(status: u8) -> ! {
+    // ESRCH (nobody left) is the common case.
+    let _ = sys::kill_all_others();
+    while let Ok(Some(_)) = sys::wait_any() {}
+    // A read-only remount syncs the filesystem and checkpoints the ext4
+    // journal, so the image is consistent for the host once the VM is gone.
+    if sys::remount_read_only(c"/").is_err() {
+        sys::sync();
+    }
+    if let Err(e) = sys::write_port(STATUS_PORT, status) {
+        let hint = if e.raw_os_error() == Some(libc::ENOSYS) {
+            " (the guest kernel needs CONFIG_X86_IOPL_IOPERM=y)"
+        } else {
+            ""
+        };
+        say(format!(
+            "cannot report exit status {status} to the VMM on port {STATUS_PORT:#x}: {e}{hint}"
+        ));
+    }
+    // Let the serial line send the command's last output before the reset.
+    let _ = sys::drain_output(libc::STDOUT_FILENO);
+    let e = sys::reboot();
+    say(format!("reboot: {e}"));
+    // Init exiting panics the kernel, which (with panic=N) resets the VM too.
+    std::process::exit(i32::from(status))
+}

@@ -1,0 +1,18 @@
+//! The guest agent, `vmm-agent`: PID 1 of the default guest.
+//!
+//! It mounts the API filesystems, runs the container command given on the
+//! kernel command line (see [`cmdline`]) as the main process, reaps zombies,
+//! and when the main process exits kills the rest, reports the exit status to
+//! the VMM (see [`status`]) and reboots, which ends the VMM.
+//!
+//! All `unsafe` code lives in [`sys`]; the rest is plain Rust, unit-tested on
+//! the host.
+#![deny(unsafe_code)]
+
+pub mod base64;
+pub mod cmdline;
+pub mod command;
+pub mod init;
+pub mod status;
+#[allow(unsafe_code)]
+pub mod sys;
