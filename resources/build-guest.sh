@@ -66,7 +66,7 @@ log "building the guest agent"
 (
     cd "$repo"
     RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static' \
-        nice cargo build --release -p guest-agent --bin vmm-agent --target "$target" >&2
+        nice cargo build --release -p guest-agent --bins --target "$target" >&2
 )
 agent="${CARGO_TARGET_DIR:-$repo/target}/$target/release/vmm-agent"
 [ -x "$agent" ] || die "cargo did not produce $agent"

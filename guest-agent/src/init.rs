@@ -45,6 +45,8 @@ fn run() -> u8 {
         say("must run as PID 1, the guest's init (it kills all processes and reboots when done)");
         std::process::exit(2);
     }
+    // Best effort: a kernel without ioperm only loses the boot milestone.
+    let _ = sys::write_port(status::PROGRESS_PORT, 1);
     let args = match cmdline::parse(std::env::args_os().skip(1).map(OsStringExt::into_vec)) {
         Ok(args) => args,
         Err(e) => {

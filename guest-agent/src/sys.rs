@@ -146,6 +146,10 @@ pub fn write_port(port: u16, value: u8) -> io::Result<()> {
             options(nomem, nostack, preserves_flags)
         );
     }
+    // Give the port back so the container, which inherits the I/O bitmap,
+    // cannot write it.
+    // SAFETY: as above; this only clears bits in this process's bitmap.
+    check(unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 0) })?;
     Ok(())
 }
 
