@@ -1,70 +1,59 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x, section 4.2): the
 //! register window a driver uses to negotiate features, set up queues and
-//! notify the device.
+//! notify the device. Registers are 32 bits wide; device configuration space
+//! starts at 0x100.
 
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, DeviceState, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::Persist;
+use super::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+
+mod persist;
+pub use persist::{DeviceArgs, DeviceState, MmioArgs, MmioError, MmioState, QueueState};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x554d_4d56; // "VMMU"
-/// Device configuration space starts here.
-pub const CONFIG_OFFSET: u64 = 0x100;
 
-/// A queue's transport-visible state: what the driver configured and where
-/// the device is in the rings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueState {
-    pub max_size: u16,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx: bool,
+/// Register offsets.
+pub mod reg {
+    pub const MAGIC_VALUE: u64 = 0x00;
+    pub const VERSION: u64 = 0x04;
+    pub const DEVICE_ID: u64 = 0x08;
+    pub const VENDOR_ID: u64 = 0x0c;
+    pub const DEVICE_FEATURES: u64 = 0x10;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
+    pub const DRIVER_FEATURES: u64 = 0x20;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
+    pub const QUEUE_SEL: u64 = 0x30;
+    pub const QUEUE_NUM_MAX: u64 = 0x34;
+    pub const QUEUE_NUM: u64 = 0x38;
+    pub const QUEUE_READY: u64 = 0x44;
+    pub const QUEUE_NOTIFY: u64 = 0x50;
+    pub const INTERRUPT_STATUS: u64 = 0x60;
+    pub const INTERRUPT_ACK: u64 = 0x64;
+    pub const STATUS: u64 = 0x70;
+    pub const QUEUE_DESC_LOW: u64 = 0x80;
+    pub const QUEUE_DESC_HIGH: u64 = 0x84;
+    pub const QUEUE_AVAIL_LOW: u64 = 0x90;
+    pub const QUEUE_AVAIL_HIGH: u64 = 0x94;
+    pub const QUEUE_USED_LOW: u64 = 0xa0;
+    pub const QUEUE_USED_HIGH: u64 = 0xa4;
+    pub const CONFIG_GENERATION: u64 = 0xfc;
+    /// Device configuration space starts here.
+    pub const CONFIG: u64 = 0x100;
 }
 
-/// Everything the transport holds, and the device's own state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MmioState {
-    pub device_type: u32,
-    pub device_features_select: u32,
-    pub driver_features_select: u32,
-    pub acked_features: u64,
-    pub status: u32,
-    pub queue_select: u32,
-    pub queues: Vec<QueueState>,
-    pub interrupt_status: u32,
-    pub config_generation: u32,
-    pub activated: bool,
-    pub device: DeviceState,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MmioError {
-    #[error("saved virtio device is of type {saved}, the device given is of type {given}")]
-    DeviceType { saved: u32, given: u32 },
-    #[error("saved virtio state acknowledges features {acked:#x} the device does not offer ({offered:#x})")]
-    Features { acked: u64, offered: u64 },
-    #[error("saved virtio state has {saved} queues, the device has {given}")]
-    QueueCount { saved: usize, given: usize },
-    #[error("saved virtio queue {index} is invalid: {reason}")]
-    Queue { index: usize, reason: String },
-    #[error("cannot activate the restored virtio device: {0}")]
-    Activate(#[from] super::ActivateError),
-}
+/// Size of the register window before configuration space.
+pub const MMIO_REGS_SIZE: u64 = 0x200;
 
 pub struct MmioTransport {
     mem: GuestMemoryMmap,
     device: Box<dyn VirtioDevice>,
-    interrupt: Interrupt,
+    interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
     device_features_select: u32,
     driver_features_select: u32,
@@ -75,22 +64,29 @@ pub struct MmioTransport {
     activated: bool,
 }
 
+/// Fresh queues of the device's maximum sizes.
 fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
     device
         .queue_max_sizes()
         .iter()
-        // Sizes come from our own devices: powers of two up to 32768.
-        .map(|&max| Queue::new(max).expect("device queue sizes are valid"))
+        .filter_map(|&max| match Queue::new(max) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                log::error!("virtio-mmio: device declares an invalid queue size {max}: {e}");
+                None
+            }
+        })
         .collect()
 }
 
 impl MmioTransport {
+    /// A transport in reset state for `device`, raising `irq` (an irqfd).
     pub fn new(mem: GuestMemoryMmap, device: Box<dyn VirtioDevice>, irq: EventFd) -> Self {
         let queues = new_queues(device.as_ref());
         MmioTransport {
             mem,
             device,
-            interrupt: Interrupt::new(irq),
+            interrupt: Arc::new(Interrupt::new(irq)),
             queues,
             device_features_select: 0,
             driver_features_select: 0,
@@ -102,21 +98,54 @@ impl MmioTransport {
         }
     }
 
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    /// The driver set DRIVER_OK and the device is serving requests.
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Makes the device's work durable before a snapshot (see
+    /// [`VirtioDevice::quiesce`]).
+    pub fn quiesce(&mut self) -> std::io::Result<()> {
+        self.device.quiesce()
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.avail_features() | VIRTIO_F_VERSION_1
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_select as usize)
     }
 
-    /// Queue setup is allowed only while the driver is configuring.
+    /// Queue setup is allowed only until the driver says DRIVER_OK.
     fn configuring(&self) -> bool {
-        self.status & status::DRIVER_OK == 0 && self.status & status::FAILED == 0
+        self.status & (status::DRIVER_OK | status::FAILED) == 0
     }
 
+    /// A guest read at `offset` in the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= CONFIG_OFFSET {
-            self.device.read_config(offset - CONFIG_OFFSET, data);
+        if offset >= reg::CONFIG {
+            self.device.read_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 {
+        if data.len() != 4 || offset & 3 != 0 {
             log::debug!(
                 "virtio-mmio: {}-byte read at {offset:#x} ignored",
                 data.len()
@@ -125,34 +154,36 @@ impl MmioTransport {
             return;
         }
         let v: u32 = match offset {
-            0x00 => MAGIC,
-            0x04 => VERSION,
-            0x08 => self.device.device_type(),
-            0x0c => VENDOR_ID,
-            0x10 => {
-                let f = self.device.avail_features() | VIRTIO_F_VERSION_1;
+            reg::MAGIC_VALUE => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => {
+                let f = self.offered_features();
                 match self.device_features_select {
                     0 => f as u32,
                     1 => (f >> 32) as u32,
                     _ => 0,
                 }
             }
-            0x34 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            0x44 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            0x60 => self.interrupt.status(),
-            0x70 => self.status,
-            0xfc => self.config_generation,
+            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
             _ => {
-                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                log::debug!("virtio-mmio: read of unknown or write-only register {offset:#x}");
                 0
             }
         };
         data.copy_from_slice(&v.to_le_bytes());
     }
 
+    /// A guest write at `offset` in the window. A QueueNotify is served
+    /// here, synchronously.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= CONFIG_OFFSET {
-            self.device.write_config(offset - CONFIG_OFFSET, data);
+        if offset >= reg::CONFIG {
+            self.device.write_config(offset - reg::CONFIG, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -165,34 +196,33 @@ impl MmioTransport {
         let v = u32::from_le_bytes(bytes);
         let configuring = self.configuring();
         match offset {
-            0x14 => self.device_features_select = v,
-            0x20 if self.status & status::FEATURES_OK == 0 => {
-                let (mask, shift) = match self.driver_features_select {
-                    0 => (0xffff_ffffu64, 0),
-                    1 => (0xffff_ffff_0000_0000u64, 32),
-                    _ => return,
-                };
-                // Keep only what is offered: a driver cannot ack more.
-                let offered = self.device.avail_features() | VIRTIO_F_VERSION_1;
-                self.acked_features =
-                    (self.acked_features & !mask) | ((u64::from(v) << shift) & mask & offered);
-            }
-            0x24 => self.driver_features_select = v,
-            0x30 => self.queue_select = v,
-            0x38 if configuring => {
+            reg::DEVICE_FEATURES_SEL => self.device_features_select = v,
+            reg::DRIVER_FEATURES => self.write_driver_features(v),
+            reg::DRIVER_FEATURES_SEL => self.driver_features_select = v,
+            reg::QUEUE_SEL => self.queue_select = v,
+            reg::QUEUE_NUM if configuring => {
                 if let Some(q) = self.selected_queue() {
-                    q.set_size(v as u16);
+                    // Sizes that are not a power of two up to the maximum
+                    // are refused (and logged) by the queue.
+                    q.set_size(u16::try_from(v).unwrap_or(0));
                 }
             }
-            0x44 if configuring => {
+            reg::QUEUE_READY if configuring => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(v == 1);
                 }
             }
-            0x50 => self.notify(v as usize),
-            0x64 => self.interrupt.ack(v),
-            0x70 => self.set_status(v),
-            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if configuring => {
+            reg::QUEUE_NOTIFY => self.notify(v as usize),
+            reg::INTERRUPT_ACK => self.interrupt.ack(v),
+            reg::STATUS => self.set_status(v),
+            reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_AVAIL_LOW
+            | reg::QUEUE_AVAIL_HIGH
+            | reg::QUEUE_USED_LOW
+            | reg::QUEUE_USED_HIGH
+                if configuring =>
+            {
                 if let Some(q) = self.selected_queue() {
                     let (lo, hi) = if offset & 4 == 0 {
                         (Some(v), None)
@@ -200,8 +230,8 @@ impl MmioTransport {
                         (None, Some(v))
                     };
                     match offset & !4 {
-                        0x80 => q.set_desc_table_address(lo, hi),
-                        0x90 => q.set_avail_ring_address(lo, hi),
+                        reg::QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
+                        reg::QUEUE_AVAIL_LOW => q.set_avail_ring_address(lo, hi),
                         _ => q.set_used_ring_address(lo, hi),
                     }
                 }
@@ -210,14 +240,52 @@ impl MmioTransport {
         }
     }
 
-    fn notify(&mut self, index: usize) {
-        log::trace!("virtio-mmio: notify queue {index}");
-        if !self.activated {
+    fn write_driver_features(&mut self, v: u32) {
+        if self.status & status::FEATURES_OK != 0 || self.status & status::DRIVER == 0 {
+            log::debug!("virtio-mmio: driver features written outside negotiation, ignored");
             return;
         }
-        if let Some(q) = self.queues.get_mut(index) {
-            self.device.process_queue(index, q, &self.interrupt);
+        let (mask, shift) = match self.driver_features_select {
+            0 => (0xffff_ffffu64, 0),
+            1 => (0xffff_ffff_0000_0000u64, 32),
+            _ => return,
+        };
+        // A driver cannot accept what is not offered: drop such bits.
+        let offered = self.offered_features();
+        let wanted = (u64::from(v) << shift) & mask;
+        if wanted & !offered != 0 {
+            log::debug!("virtio-mmio: driver accepted unoffered features {wanted:#x}");
         }
+        self.acked_features = (self.acked_features & !mask) | (wanted & offered);
+    }
+
+    fn notify(&mut self, index: usize) {
+        log::trace!("virtio-mmio: notify queue {index}");
+        if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            log::debug!("virtio-mmio: notify of queue {index} before the device is running");
+            return;
+        }
+        let Some(q) = self.queues.get_mut(index) else {
+            log::debug!("virtio-mmio: notify of nonexistent queue {index}");
+            return;
+        };
+        if !q.ready() {
+            log::debug!("virtio-mmio: notify of queue {index}, which is not ready");
+            return;
+        }
+        if let Err(e) = self.device.process_queue(index, q) {
+            log::warn!(
+                "virtio-mmio: device type {} queue {index}: {e}; it needs a reset",
+                self.device.device_type()
+            );
+            self.needs_reset();
+        }
+    }
+
+    fn needs_reset(&mut self) {
+        self.status |= status::DEVICE_NEEDS_RESET;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.signal_config_change();
     }
 
     fn set_status(&mut self, v: u32) {
@@ -226,33 +294,58 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // DEVICE_NEEDS_RESET is the device's to set, and only a reset clears it.
+        let v = (v & !status::DEVICE_NEEDS_RESET) | (self.status & status::DEVICE_NEEDS_RESET);
+        if v & self.status != self.status {
+            log::debug!(
+                "virtio-mmio: driver tried to clear status bits ({:#x} -> {v:#x})",
+                self.status
+            );
+            return;
+        }
+        let mut v = v;
         let newly = v & !self.status;
+        if newly & status::FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            // Legacy drivers are not supported: FEATURES_OK does not stick.
+            log::warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+            v &= !status::FEATURES_OK;
+        }
+        if newly & status::DRIVER_OK != 0 && v & status::FEATURES_OK == 0 {
+            log::warn!("virtio-mmio: DRIVER_OK without FEATURES_OK ignored");
+            v &= !status::DRIVER_OK;
+        }
         self.status = v;
-        if newly & status::FEATURES_OK != 0 {
-            if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
-                // Legacy drivers are not supported: refuse FEATURES_OK.
-                self.status &= !status::FEATURES_OK;
-                return;
-            }
+        if newly & v & status::FEATURES_OK != 0 {
             self.device.set_acked_features(self.acked_features);
         }
-        if newly & status::DRIVER_OK != 0 && !self.activated {
-            let event_idx = self.acked_features & (1 << 29) != 0;
-            let bad = self.queues.iter_mut().enumerate().find_map(|(i, q)| {
-                q.set_event_idx(event_idx);
-                (q.ready() && !q.is_valid(&self.mem)).then_some(i)
-            });
-            let result = match bad {
-                Some(i) => Err(super::ActivateError::BadQueue(i)),
-                None => self.device.activate(self.mem.clone()),
-            };
-            match result {
-                Ok(()) => self.activated = true,
-                Err(e) => {
-                    log::warn!("virtio-mmio: {e}");
-                    self.status |= status::DEVICE_NEEDS_RESET;
-                    self.interrupt.signal_config_change();
-                }
+        if newly & v & status::DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut bad = None;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            q.set_event_idx(event_idx);
+            if q.ready() && !q.is_valid(&self.mem) && bad.is_none() {
+                bad = Some(i);
+            }
+        }
+        let result = match bad {
+            Some(i) => Err(super::ActivateError::BadQueue(i)),
+            None => self
+                .device
+                .activate(self.mem.clone(), Arc::clone(&self.interrupt)),
+        };
+        match result {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                log::warn!(
+                    "virtio-mmio: cannot activate device type {}: {e}",
+                    self.device.device_type()
+                );
+                self.needs_reset();
             }
         }
     }
@@ -267,116 +360,5 @@ impl MmioTransport {
         self.queue_select = 0;
         self.interrupt.set_status(0);
         self.activated = false;
-    }
-}
-
-impl Persist for MmioTransport {
-    type State = MmioState;
-    /// Guest memory, the irqfd, and the device rebuilt from `MmioState::device`.
-    type ConstructorArgs = (GuestMemoryMmap, EventFd, Box<dyn VirtioDevice>);
-    type Error = MmioError;
-
-    fn save(&self) -> MmioState {
-        MmioState {
-            device_type: self.device.device_type(),
-            device_features_select: self.device_features_select,
-            driver_features_select: self.driver_features_select,
-            acked_features: self.acked_features,
-            status: self.status,
-            queue_select: self.queue_select,
-            queues: self
-                .queues
-                .iter()
-                .map(|q| QueueState {
-                    max_size: q.max_size(),
-                    size: q.size(),
-                    ready: q.ready(),
-                    desc_table: q.desc_table(),
-                    avail_ring: q.avail_ring(),
-                    used_ring: q.used_ring(),
-                    next_avail: q.next_avail(),
-                    next_used: q.next_used(),
-                    event_idx: q.event_idx_enabled(),
-                })
-                .collect(),
-            interrupt_status: self.interrupt.status(),
-            config_generation: self.config_generation,
-            activated: self.activated,
-            device: self.device.save_device(),
-        }
-    }
-
-    fn restore(
-        (mem, irq, mut device): Self::ConstructorArgs,
-        s: &MmioState,
-    ) -> Result<Self, MmioError> {
-        if s.device_type != device.device_type() {
-            return Err(MmioError::DeviceType {
-                saved: s.device_type,
-                given: device.device_type(),
-            });
-        }
-        let offered = device.avail_features() | VIRTIO_F_VERSION_1;
-        if s.acked_features & !offered != 0 {
-            return Err(MmioError::Features {
-                acked: s.acked_features,
-                offered,
-            });
-        }
-        let max_sizes = device.queue_max_sizes().to_vec();
-        if s.queues.len() != max_sizes.len() {
-            return Err(MmioError::QueueCount {
-                saved: s.queues.len(),
-                given: max_sizes.len(),
-            });
-        }
-        let mut queues = Vec::with_capacity(max_sizes.len());
-        for (index, (qs, &max)) in s.queues.iter().zip(&max_sizes).enumerate() {
-            let bad = |reason: String| MmioError::Queue { index, reason };
-            if qs.max_size != max {
-                return Err(bad(format!(
-                    "max size {} but the device has {max}",
-                    qs.max_size
-                )));
-            }
-            let mut q = Queue::new(max).map_err(|e| bad(e.to_string()))?;
-            q.try_set_size(qs.size)
-                .map_err(|e| bad(format!("size {}: {e}", qs.size)))?;
-            q.try_set_desc_table_address(vm_memory::GuestAddress(qs.desc_table))
-                .map_err(|e| bad(e.to_string()))?;
-            q.try_set_avail_ring_address(vm_memory::GuestAddress(qs.avail_ring))
-                .map_err(|e| bad(e.to_string()))?;
-            q.try_set_used_ring_address(vm_memory::GuestAddress(qs.used_ring))
-                .map_err(|e| bad(e.to_string()))?;
-            q.set_next_avail(qs.next_avail);
-            q.set_next_used(qs.next_used);
-            q.set_event_idx(qs.event_idx);
-            q.set_ready(qs.ready);
-            if qs.ready && !q.is_valid(&mem) {
-                return Err(bad("its rings are not inside guest memory".into()));
-            }
-            queues.push(q);
-        }
-        if s.acked_features != 0 {
-            device.set_acked_features(s.acked_features);
-        }
-        if s.activated {
-            device.activate(mem.clone())?;
-        }
-        let interrupt = Interrupt::new(irq);
-        interrupt.set_status(s.interrupt_status & (super::INT_USED_RING | super::INT_CONFIG));
-        Ok(MmioTransport {
-            mem,
-            device,
-            interrupt,
-            queues,
-            device_features_select: s.device_features_select,
-            driver_features_select: s.driver_features_select,
-            acked_features: s.acked_features,
-            status: s.status,
-            queue_select: s.queue_select,
-            config_generation: s.config_generation,
-            activated: s.activated,
-        })
     }
 }

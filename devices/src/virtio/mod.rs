@@ -1,14 +1,23 @@
 //! virtio devices over the MMIO transport.
+//!
+//! [`MmioTransport`] owns the register window, the queues and the
+//! [`Interrupt`]; a [`VirtioDevice`] behind it (today [`block::Block`]) serves
+//! the requests. Requests are served synchronously on the vCPU thread that
+//! wrote QueueNotify, so when every vCPU is out of KVM_RUN no request is in
+//! flight.
 
 pub mod block;
-mod mmio;
+pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use mmio::{MmioError, MmioState, MmioTransport, QueueState};
+pub use mmio::{
+    DeviceArgs, DeviceState, MmioArgs, MmioError, MmioState, MmioTransport, QueueState,
+};
 
 /// Device status bits (virtio 1.x, 2.1).
 pub mod status {
@@ -22,13 +31,16 @@ pub mod status {
 
 /// VIRTIO_F_VERSION_1: every device offers it; the MMIO transport is version 2.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
-/// Interrupt status bits of the MMIO transport.
+/// InterruptStatus bit: a used ring was updated.
 pub const INT_USED_RING: u32 = 1;
+/// InterruptStatus bit: the configuration space changed.
 pub const INT_CONFIG: u32 = 2;
 
-/// A device's interrupt line: the status bits the driver reads and acks, and
-/// the irqfd KVM turns into a guest interrupt.
+/// A device's interrupt line: the InterruptStatus bits the driver reads and
+/// acknowledges, and the irqfd KVM turns into a guest interrupt.
 pub struct Interrupt {
     evt: EventFd,
     status: AtomicU32,
@@ -54,15 +66,17 @@ impl Interrupt {
         self.signal(INT_USED_RING);
     }
 
-    /// The device's configuration space changed.
+    /// The device's configuration space (or its status) changed.
     pub fn signal_config_change(&self) {
         self.signal(INT_CONFIG);
     }
 
+    /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)
     }
 
+    /// InterruptACK: clears `bits`.
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
@@ -74,8 +88,24 @@ impl Interrupt {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    #[error("the driver set up queue {0} with addresses outside guest memory")]
+    #[error("the driver set up queue {0} with rings outside guest memory")]
     BadQueue(usize),
+    #[error("the device was activated twice without a reset")]
+    AlreadyActive,
+}
+
+/// Why a device stopped serving a queue; the transport then sets
+/// DEVICE_NEEDS_RESET and tells the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the device is not activated")]
+    NotActivated,
+    #[error("the device has no queue {0}")]
+    NoSuchQueue(usize),
+    #[error("virtio queue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    #[error("the available ring announces buffers the device cannot pop")]
+    Stuck,
 }
 
 /// What the MMIO transport needs from a device behind it.
@@ -83,30 +113,130 @@ pub trait VirtioDevice: Send {
     /// virtio device id (2 = block).
     fn device_type(&self) -> u32;
     /// The largest size of each queue; its length is the number of queues.
+    /// Every size is a power of two no larger than 32768.
     fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver (VIRTIO_F_VERSION_1 included).
     fn avail_features(&self) -> u64;
-    /// The features the driver accepted, once negotiated.
+    /// The features the driver accepted, once it set FEATURES_OK (a subset
+    /// of `avail_features`, the transport makes sure of it).
     fn set_acked_features(&mut self, acked: u64);
+    /// Reads device configuration space at `offset`; bytes past its end read
+    /// as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set DRIVER_OK: start serving requests.
-    fn activate(&mut self, mem: GuestMemoryMmap) -> Result<(), ActivateError>;
-    /// The driver notified queue `index`: serve what it holds. Called on the
-    /// vCPU thread, so when every vCPU is paused no request is in flight.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError>;
+    /// The driver notified queue `index`: serve everything it holds and
+    /// signal the used ring through the interrupt given at activation. Called
+    /// synchronously on the vCPU thread.
     fn process_queue(
         &mut self,
         index: usize,
         queue: &mut virtio_queue::Queue,
-        interrupt: &Interrupt,
-    );
+    ) -> Result<(), QueueError>;
     /// Back to the state before activation.
     fn reset(&mut self);
+    /// Makes everything the device has done durable (e.g. fsync the disk
+    /// image) before its state or its backing file is captured.
+    fn quiesce(&mut self) -> std::io::Result<()>;
     /// The device-specific state, for the image.
     fn save_device(&self) -> DeviceState;
 }
 
-/// Device-specific saved state, one variant per device kind.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum DeviceState {
-    Block(block::BlockState),
+/// A minimal virtio driver side for tests: guest memory with a split queue
+/// laid out in it, descriptor chains put on the available ring by hand.
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    pub const MEM_SIZE: usize = 0x10_0000;
+    pub const DESC: u64 = 0x1000;
+    pub const AVAIL: u64 = 0x2000;
+    pub const USED: u64 = 0x3000;
+    /// Buffers go from here on.
+    pub const DATA: u64 = 0x1_0000;
+    pub const QSIZE: u16 = 16;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    pub fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    /// The driver's view of one queue: where the next descriptor and the next
+    /// available entry go.
+    pub struct Driver {
+        pub mem: GuestMemoryMmap,
+        next_desc: u16,
+        avail_idx: u16,
+    }
+
+    impl Driver {
+        pub fn new(mem: GuestMemoryMmap) -> Self {
+            Driver {
+                mem,
+                next_desc: 0,
+                avail_idx: 0,
+            }
+        }
+
+        /// Writes a chain of (address, length, device-writable) buffers and
+        /// makes it available; returns its head.
+        pub fn add_chain(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+            let head = self.next_desc;
+            for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+                let idx = (self.next_desc % QSIZE) as u64;
+                let next = (self.next_desc + 1) % QSIZE;
+                let mut flags = if write { F_WRITE } else { 0 };
+                if i + 1 < bufs.len() {
+                    flags |= F_NEXT;
+                }
+                let d = GuestAddress(DESC + idx * 16);
+                self.mem.write_obj(addr, d).unwrap();
+                self.mem.write_obj(len, d.unchecked_add(8)).unwrap();
+                self.mem.write_obj(flags, d.unchecked_add(12)).unwrap();
+                self.mem.write_obj(next, d.unchecked_add(14)).unwrap();
+                self.next_desc = next;
+            }
+            let slot = (self.avail_idx % QSIZE) as u64;
+            self.mem
+                .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+            head
+        }
+
+        pub fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        /// The used element at `slot`: (head, length).
+        pub fn used(&self, slot: u16) -> (u32, u32) {
+            let a = GuestAddress(USED + 4 + u64::from(slot % QSIZE) * 8);
+            (
+                self.mem.read_obj(a).unwrap(),
+                self.mem.read_obj(a.unchecked_add(4)).unwrap(),
+            )
+        }
+
+        pub fn byte(&self, addr: u64) -> u8 {
+            self.mem.read_obj(GuestAddress(addr)).unwrap()
+        }
+
+        pub fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0; len];
+            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        }
+    }
+
+    use vm_memory::Address;
 }
