@@ -362,3 +362,264 @@ impl MmioTransport {
         self.activated = false;
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::virtio::block::{Block, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
+    use crate::virtio::test_utils::*;
+    use crate::virtio::{INT_CONFIG, INT_USED_RING};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::tempfile::TempFile;
+
+    pub fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    pub fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// A 64 KiB disk image.
+    pub fn disk() -> TempFile {
+        let t = TempFile::new().unwrap();
+        t.as_file().set_len(64 << 10).unwrap();
+        t
+    }
+
+    /// A block device's transport in reset state; the irqfd's other end.
+    pub fn transport(t: &TempFile) -> (MmioTransport, EventFd, GuestMemoryMmap) {
+        let mem = memory();
+        let block = Block::new(t.as_file().try_clone().unwrap(), false, "d".into()).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let tr = MmioTransport::new(mem.clone(), Box::new(block), irq.try_clone().unwrap());
+        (tr, irq, mem)
+    }
+
+    /// What Linux's virtio_mmio does up to FEATURES_OK, accepting everything
+    /// offered.
+    pub fn negotiate(t: &mut MmioTransport) -> u64 {
+        w(t, reg::STATUS, 0);
+        w(t, reg::STATUS, status::ACKNOWLEDGE);
+        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, reg::DEVICE_FEATURES_SEL, 1);
+        let hi = r(t, reg::DEVICE_FEATURES);
+        w(t, reg::DEVICE_FEATURES_SEL, 0);
+        let lo = r(t, reg::DEVICE_FEATURES);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, hi);
+        w(t, reg::DRIVER_FEATURES_SEL, 0);
+        w(t, reg::DRIVER_FEATURES, lo);
+        w(t, reg::STATUS, 0xb);
+        (u64::from(hi) << 32) | u64::from(lo)
+    }
+
+    pub fn setup_queue(t: &mut MmioTransport) {
+        w(t, reg::QUEUE_SEL, 0);
+        assert_eq!(r(t, reg::QUEUE_READY), 0);
+        assert_eq!(r(t, reg::QUEUE_NUM_MAX), 256);
+        w(t, reg::QUEUE_NUM, u32::from(QSIZE));
+        for (lo, addr) in [
+            (reg::QUEUE_DESC_LOW, DESC),
+            (reg::QUEUE_AVAIL_LOW, AVAIL),
+            (reg::QUEUE_USED_LOW, USED),
+        ] {
+            w(t, lo, addr as u32);
+            w(t, lo + 4, (addr >> 32) as u32);
+        }
+        w(t, reg::QUEUE_READY, 1);
+    }
+
+    /// A whole driver bring-up: negotiate, queue 0, DRIVER_OK.
+    pub fn bring_up(t: &mut MmioTransport) {
+        negotiate(t);
+        setup_queue(t);
+        w(t, reg::STATUS, 0xf);
+        assert!(t.is_activated());
+    }
+
+    /// Submits a one-sector read of `sector` into DATA + 0x1000 and kicks.
+    pub fn read_sector(t: &mut MmioTransport, drv: &mut Driver, sector: u64) {
+        let mut hdr = [0u8; 16];
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        drv.mem.write_slice(&hdr, GuestAddress(DATA)).unwrap();
+        drv.add_chain(&[
+            (DATA, 16, false),
+            (DATA + 0x1000, 512, true),
+            (DATA + 0x100, 1, true),
+        ]);
+        w(t, reg::QUEUE_NOTIFY, 0);
+    }
+
+    #[test]
+    fn identity_registers() {
+        let d = disk();
+        let (mut t, _, _) = transport(&d);
+        assert_eq!(r(&mut t, reg::MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r(&mut t, reg::VERSION), 2);
+        assert_eq!(r(&mut t, reg::DEVICE_ID), 2);
+        assert_eq!(r(&mut t, reg::VENDOR_ID), VENDOR_ID);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn feature_negotiation_in_both_halves() {
+        let d = disk();
+        let (mut t, _, _) = transport(&d);
+        w(&mut t, reg::STATUS, 3);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+        let lo = r(&mut t, reg::DEVICE_FEATURES);
+        assert_ne!(u64::from(lo) & VIRTIO_BLK_F_FLUSH, 0);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 2);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 0);
+        // The driver accepts more than offered: the extra bits are dropped.
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        w(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(t.acked_features, t.offered_features());
+        // FEATURES_OK sticks, after which features are frozen.
+        w(&mut t, reg::STATUS, 0xb);
+        assert_eq!(r(&mut t, reg::STATUS), 0xb);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        w(&mut t, reg::DRIVER_FEATURES, 0);
+        assert_eq!(t.acked_features, t.offered_features());
+    }
+
+    #[test]
+    fn legacy_driver_cannot_set_features_ok() {
+        let d = disk();
+        let (mut t, _, _) = transport(&d);
+        w(&mut t, reg::STATUS, 3);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        w(&mut t, reg::DRIVER_FEATURES, VIRTIO_BLK_F_FLUSH as u32);
+        w(&mut t, reg::STATUS, 0xb);
+        assert_eq!(r(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        // And DRIVER_OK without FEATURES_OK does not activate.
+        w(&mut t, reg::STATUS, 0x7);
+        assert!(!t.is_activated());
+    }
+
+    #[test]
+    fn status_transitions_and_reset() {
+        let d = disk();
+        let (mut t, irq, mut mem) = transport(&d);
+        bring_up(&mut t);
+        // The driver cannot clear bits other than by a reset.
+        w(&mut t, reg::STATUS, 0x3);
+        assert_eq!(r(&mut t, reg::STATUS), 0xf);
+        // Queue setup is frozen once running.
+        w(&mut t, reg::QUEUE_NUM, 8);
+        assert_eq!(t.queues[0].size(), QSIZE);
+        let mut drv = Driver::new(mem.clone());
+        read_sector(&mut t, &mut drv, 1);
+        assert_eq!(drv.used_idx(), 1);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), INT_USED_RING);
+        w(&mut t, reg::INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+        // Reset: everything back to the start.
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        assert!(!t.is_activated());
+        assert_eq!(t.acked_features, 0);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+        assert_eq!(t.queues[0].size(), 256);
+        // A kick after reset does nothing.
+        read_sector(&mut t, &mut drv, 1);
+        assert_eq!(drv.used_idx(), 1);
+        // And the device can be brought up again from scratch.
+        mem = memory();
+        let mut drv = Driver::new(mem.clone());
+        t.mem = mem;
+        bring_up(&mut t);
+        read_sector(&mut t, &mut drv, 2);
+        assert_eq!(drv.used_idx(), 1);
+        assert_eq!(drv.byte(DATA + 0x100), VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn queue_setup_registers() {
+        let d = disk();
+        let (mut t, _, _) = transport(&d);
+        negotiate(&mut t);
+        // A queue that does not exist.
+        w(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 0);
+        w(&mut t, reg::QUEUE_NUM, 16);
+        w(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+        // Invalid sizes are refused.
+        w(&mut t, reg::QUEUE_SEL, 0);
+        w(&mut t, reg::QUEUE_NUM, 3);
+        w(&mut t, reg::QUEUE_NUM, 512);
+        w(&mut t, reg::QUEUE_NUM, 0x1_0010);
+        assert_eq!(t.queues[0].size(), 256);
+        // 64-bit addresses from two halves.
+        w(&mut t, reg::QUEUE_DESC_LOW, 0x1000);
+        w(&mut t, reg::QUEUE_DESC_HIGH, 0x1);
+        assert_eq!(t.queues[0].desc_table(), 0x1_0000_1000);
+        setup_queue(&mut t);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 1);
+        assert_eq!(t.queues[0].desc_table(), DESC);
+        assert_eq!(t.queues[0].used_ring(), USED);
+    }
+
+    #[test]
+    fn rings_outside_memory_need_reset() {
+        let d = disk();
+        let (mut t, irq, _) = transport(&d);
+        negotiate(&mut t);
+        setup_queue(&mut t);
+        w(&mut t, reg::QUEUE_USED_LOW, MEM_SIZE as u32 - 8);
+        w(&mut t, reg::STATUS, 0xf);
+        assert!(!t.is_activated());
+        assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), INT_CONFIG);
+        assert_eq!(irq.read().unwrap(), 1);
+        // A kick is ignored; a reset recovers.
+        w(&mut t, reg::QUEUE_NOTIFY, 0);
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn config_space_reads() {
+        let d = disk();
+        let (mut t, _, _) = transport(&d);
+        let mut cap = [0u8; 8];
+        t.read(reg::CONFIG, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 128);
+        let mut b = [0u8; 1];
+        t.read(reg::CONFIG + 1, &mut b);
+        assert_eq!(b[0], 0);
+        t.write(reg::CONFIG, &[1, 2, 3, 4]); // read-only: ignored
+        t.read(reg::CONFIG, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 128);
+        assert_eq!(r(&mut t, reg::CONFIG_GENERATION), 0);
+    }
+
+    #[test]
+    fn odd_accesses_do_not_panic() {
+        let d = disk();
+        let (mut t, _, _) = transport(&d);
+        bring_up(&mut t);
+        for off in (0..0x110u64).chain([0xfff, u64::MAX - 3, u64::MAX]) {
+            for len in [0usize, 1, 2, 3, 4, 8] {
+                let mut buf = vec![0u8; len];
+                t.read(off, &mut buf);
+                if off != reg::STATUS && off != reg::QUEUE_NOTIFY {
+                    t.write(off, &buf);
+                }
+            }
+        }
+        for q in [1u32, 0xffff_ffff] {
+            w(&mut t, reg::QUEUE_NOTIFY, q);
+        }
+    }
+}
