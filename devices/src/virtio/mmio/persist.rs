@@ -264,3 +264,210 @@ impl Persist for MmioTransport {
         MmioTransport::restore_with_device(args.mem, args.irq, device, s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{bring_up, disk, negotiate, r, read_sector, transport, w};
+    use super::*;
+    use crate::virtio::mmio::reg;
+    use crate::virtio::test_utils::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::tempfile::TempFile;
+
+    fn args(mem: &GuestMemoryMmap, d: &TempFile) -> (MmioArgs, EventFd) {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let a = MmioArgs {
+            mem: mem.clone(),
+            irq: irq.try_clone().unwrap(),
+            device: DeviceArgs::Block(d.as_file().try_clone().unwrap()),
+        };
+        (a, irq)
+    }
+
+    #[test]
+    fn round_trip_of_a_running_device() {
+        let d = disk();
+        let (mut t, _, mem) = transport(&d);
+        bring_up(&mut t);
+        let mut drv = Driver::new(mem.clone());
+        read_sector(&mut t, &mut drv, 1);
+        read_sector(&mut t, &mut drv, 2);
+        w(&mut t, reg::QUEUE_SEL, 0);
+        let s = t.save();
+        assert!(s.activated);
+        assert_eq!(s.queues[0].next_avail, 2);
+        assert_eq!(s.queues[0].next_used, 2);
+        assert_eq!(s.interrupt_status, crate::virtio::INT_USED_RING);
+        let DeviceState::Block(bs) = &s.device;
+        assert_eq!(bs.path, d.as_path());
+        assert_eq!(bs.acked_features, s.acked_features);
+
+        // The restored transport is the same and carries on where it was.
+        let (a, irq) = args(&mem, &d);
+        let mut t2 = MmioTransport::restore(a, &s).unwrap();
+        assert_eq!(t2.save(), s);
+        assert_eq!(irq.read().unwrap(), 1, "pending interrupt raised again");
+        assert_eq!(r(&mut t2, reg::STATUS), 0xf);
+        read_sector(&mut t2, &mut drv, 3);
+        assert_eq!(drv.used_idx(), 3);
+        assert_eq!(t2.save().queues[0].next_avail, 3);
+    }
+
+    #[test]
+    fn round_trip_before_the_driver() {
+        let d = disk();
+        let (mut t, _, mem) = transport(&d);
+        negotiate(&mut t);
+        let s = t.save();
+        assert!(!s.activated);
+        let (a, _) = args(&mem, &d);
+        let mut t2 = MmioTransport::restore(a, &s).unwrap();
+        assert_eq!(t2.save(), s);
+        // The driver can finish bringing it up.
+        super::super::tests::setup_queue(&mut t2);
+        w(&mut t2, reg::STATUS, 0xf);
+        assert!(t2.is_activated());
+    }
+
+    fn running_state() -> (MmioState, GuestMemoryMmap, TempFile) {
+        let d = disk();
+        let (mut t, _, mem) = transport(&d);
+        bring_up(&mut t);
+        (t.save(), mem, d)
+    }
+
+    fn restore_err(s: &MmioState, mem: &GuestMemoryMmap, d: &TempFile) -> MmioError {
+        match MmioTransport::restore(args(mem, d).0, s) {
+            Ok(_) => panic!("restore accepted a bad state"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn acked_features_not_offered() {
+        let (mut s, mem, d) = running_state();
+        s.acked_features |= 1 << 28; // INDIRECT_DESC, never offered
+        assert!(matches!(
+            restore_err(&s, &mem, &d),
+            MmioError::Features { .. }
+        ));
+        let (mut s, mem, d) = running_state();
+        let DeviceState::Block(bs) = &mut s.device;
+        bs.acked_features |= 1 << 28;
+        assert!(matches!(
+            restore_err(&s, &mem, &d),
+            MmioError::Block(BlockError::AckedNotOffered { .. })
+        ));
+    }
+
+    #[test]
+    fn queue_outside_memory() {
+        let (mut s, mem, d) = running_state();
+        s.queues[0].used_ring = MEM_SIZE as u64 - 8;
+        let e = restore_err(&s, &mem, &d);
+        assert!(matches!(e, MmioError::Queue { index: 0, .. }), "{e}");
+        let (mut s, mem, d) = running_state();
+        s.queues[0].desc_table = 0x1001; // misaligned
+        assert!(matches!(restore_err(&s, &mem, &d), MmioError::Queue { .. }));
+        let (mut s, mem, d) = running_state();
+        s.queues[0].size = 300;
+        assert!(matches!(restore_err(&s, &mem, &d), MmioError::Queue { .. }));
+        let (mut s, mem, d) = running_state();
+        s.queues[0].max_size = 128;
+        assert!(matches!(restore_err(&s, &mem, &d), MmioError::Queue { .. }));
+    }
+
+    #[test]
+    fn queue_count_status_and_interrupt_status() {
+        let (mut s, mem, d) = running_state();
+        s.queues.push(QueueState::default());
+        assert!(matches!(
+            restore_err(&s, &mem, &d),
+            MmioError::QueueCount { saved: 2, given: 1 }
+        ));
+        let (mut s, mem, d) = running_state();
+        s.status = 0x3; // active without DRIVER_OK
+        assert!(matches!(
+            restore_err(&s, &mem, &d),
+            MmioError::Status { .. }
+        ));
+        let (mut s, mem, d) = running_state();
+        s.status |= 0x100;
+        assert!(matches!(
+            restore_err(&s, &mem, &d),
+            MmioError::Status { .. }
+        ));
+        let (mut s, mem, d) = running_state();
+        s.interrupt_status = 4;
+        assert!(matches!(
+            restore_err(&s, &mem, &d),
+            MmioError::InterruptStatus(4)
+        ));
+    }
+
+    #[test]
+    fn disk_of_another_size() {
+        let (s, mem, _) = running_state();
+        let other = TempFile::new().unwrap();
+        other.as_file().set_len(128 << 10).unwrap();
+        assert!(matches!(
+            restore_err(&s, &mem, &other),
+            MmioError::Block(BlockError::SizeChanged { .. })
+        ));
+        // A read-only disk offers other features than the saved device.
+        let (mut s, mem, d) = running_state();
+        let DeviceState::Block(bs) = &mut s.device;
+        bs.read_only = true;
+        assert!(matches!(
+            restore_err(&s, &mem, &d),
+            MmioError::Block(BlockError::FeaturesChanged { .. })
+        ));
+    }
+
+    /// A device of another type, to check the transport refuses to mix them.
+    struct Other;
+    impl VirtioDevice for Other {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256]
+        }
+        fn avail_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn set_acked_features(&mut self, _: u64) {}
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0)
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, _: GuestMemoryMmap, _: Arc<Interrupt>) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn process_queue(
+            &mut self,
+            _: usize,
+            _: &mut Queue,
+        ) -> Result<(), crate::virtio::QueueError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn quiesce(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn save_device(&self) -> DeviceState {
+            unreachable!("not saved in this test")
+        }
+    }
+
+    #[test]
+    fn device_type_mismatch() {
+        let (s, mem, _) = running_state();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let r = MmioTransport::restore_with_device(mem, irq, Box::new(Other), &s);
+        assert!(matches!(
+            r,
+            Err(MmioError::DeviceType { saved: 2, given: 4 })
+        ));
+    }
+}
