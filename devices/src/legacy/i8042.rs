@@ -23,6 +23,7 @@ const CB_KBD_INT: u8 = 0x01;
 const CB_SYSTEM: u8 = 0x04;
 const CB_KBD_DISABLED: u8 = 0x10;
 const CB_AUX_DISABLED: u8 = 0x20;
+const CB_TRANSLATE: u8 = 0x40;
 
 // Controller commands (port 0x64).
 const CMD_READ_CTR: u8 = 0x20;
@@ -89,7 +90,7 @@ impl I8042 {
             irq,
             reset,
             status: SB_SYSTEM | SB_KBD_ENABLED,
-            control: CB_KBD_INT | CB_SYSTEM | CB_AUX_DISABLED,
+            control: CB_KBD_INT | CB_SYSTEM | CB_AUX_DISABLED | CB_TRANSLATE,
             out: VecDeque::new(),
             pending: None,
         }

@@ -207,7 +207,9 @@ impl MmioTransport {
                     q.set_size(u16::try_from(v).unwrap_or(0));
                 }
             }
-            reg::QUEUE_READY if configuring => {
+            // Taking a queue down is allowed at any time (Linux's del_vq
+            // checks it reads back 0); bringing one up only while configuring.
+            reg::QUEUE_READY if configuring || v == 0 => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(v == 1);
                 }
@@ -513,9 +515,12 @@ pub(crate) mod tests {
         // The driver cannot clear bits other than by a reset.
         w(&mut t, reg::STATUS, 0x3);
         assert_eq!(r(&mut t, reg::STATUS), 0xf);
-        // Queue setup is frozen once running.
+        // Queue setup is frozen once running; only taking a queue down is not.
         w(&mut t, reg::QUEUE_NUM, 8);
         assert_eq!(t.queues[0].size(), QSIZE);
+        w(&mut t, reg::QUEUE_SEL, 0);
+        w(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 1);
         let mut drv = Driver::new(mem.clone());
         read_sector(&mut t, &mut drv, 1);
         assert_eq!(drv.used_idx(), 1);
