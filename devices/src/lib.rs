@@ -2,9 +2,14 @@
 //! i8042) and virtio over MMIO (transport and block device).
 //!
 //! Every device keeps its guest-visible state in a plain serde struct
-//! (`FooState`, in the device's `persist` part) and implements [`Persist`]:
-//! `save` reads the state of a quiesced device, `restore` builds a new device
-//! from a state it validates first.
+//! (`FooState`, in a `persist.rs` next to the device: `legacy/serial/`,
+//! `legacy/i8042/`, `virtio/mmio/`, `virtio/block/`) and implements
+//! [`Persist`]: `save` reads the state of a quiesced device, `restore` builds
+//! a new device from a state it validates first.
+//!
+//! Guest-controlled input never panics: every offset, length and index a
+//! guest can write is bounds-checked, and a misbehaving virtio driver gets
+//! DEVICE_NEEDS_RESET rather than a crashed VMM.
 
 pub mod legacy;
 pub mod persist;

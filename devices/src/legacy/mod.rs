@@ -1,7 +1,7 @@
 //! Legacy PC devices on I/O ports.
 
-mod i8042;
-mod serial;
+pub mod i8042;
+pub mod serial;
 
 pub use i8042::{I8042Error, I8042State, I8042};
 pub use serial::{Serial, SerialError, SerialState};

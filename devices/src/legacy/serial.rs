@@ -29,7 +29,7 @@ pub enum SerialError {
 }
 
 /// Raises the serial IRQ by writing an eventfd that KVM turns into an interrupt.
-pub struct IrqTrigger(EventFd);
+pub(crate) struct IrqTrigger(EventFd);
 
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
