@@ -1,0 +1,4 @@
+//! Everything that talks to /dev/kvm: the VM and its vCPUs.
+
+pub mod vcpu;
+pub mod vm;
