@@ -1,0 +1,50 @@
+//! Finds the default guest that `resources/build-guest.sh` builds.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("no default guest {what} at {path}: build it with resources/build-guest.sh, or pass --kernel and --rootfs")]
+    Missing { what: &'static str, path: String },
+}
+
+/// The directory build-guest.sh writes to; the same rules as the script.
+pub fn default_guest_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(d) = env("VMM_GUEST_DIR") {
+        return d;
+    }
+    let cache = env("VMM_CACHE_DIR").unwrap_or_else(|| {
+        env("XDG_CACHE_HOME")
+            .or_else(|| env("HOME").map(|h| h.join(".cache")))
+            .unwrap_or_else(|| PathBuf::from("/var/cache"))
+            .join("vmm")
+    });
+    cache.join("guest")
+}
+
+/// The default guest's kernel.
+pub fn default_kernel() -> Result<PathBuf, GuestError> {
+    find("kernel", "vmlinux")
+}
+
+/// The default guest's root filesystem image.
+pub fn default_rootfs() -> Result<PathBuf, GuestError> {
+    find("rootfs", "rootfs.ext4")
+}
+
+fn find(what: &'static str, file: &str) -> Result<PathBuf, GuestError> {
+    let p = default_guest_dir().join(file);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(GuestError::Missing {
+            what,
+            path: p.display().to_string(),
+        })
+    }
+}

@@ -1,0 +1,40 @@
+//! Puts the controlling terminal into raw mode while a guest console is attached,
+//! so keys reach the guest as typed, and restores it afterwards.
+
+/// Restores the saved terminal settings when dropped.
+pub struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Switches stdin to raw mode if it is a terminal.
+    pub fn enter_if_tty() -> Option<RawTerminal> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it on success.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and a valid pointer to a termios.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only modifies the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output post-processing so host-side log lines stay readable.
+        raw.c_oflag = saved.c_oflag;
+        // SAFETY: valid descriptor and termios.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores settings read from this same descriptor.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
+    }
+}
