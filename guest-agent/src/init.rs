@@ -208,6 +208,9 @@ pub fn shutdown(status: u8) -> ! {
     if sys::remount_read_only(c"/").is_err() {
         sys::sync();
     }
+    // Let the serial line send the command's last output first: the VMM
+    // ends the VM as soon as it has the status.
+    let _ = sys::drain_output(libc::STDOUT_FILENO);
     if let Err(e) = sys::write_port(STATUS_PORT, status) {
         let hint = if e.raw_os_error() == Some(libc::ENOSYS) {
             " (the guest kernel needs CONFIG_X86_IOPL_IOPERM=y)"
@@ -218,8 +221,6 @@ pub fn shutdown(status: u8) -> ! {
             "cannot report exit status {status} to the VMM on port {STATUS_PORT:#x}: {e}{hint}"
         ));
     }
-    // Let the serial line send the command's last output before the reset.
-    let _ = sys::drain_output(libc::STDOUT_FILENO);
     let e = sys::reboot();
     say(format!("reboot: {e}"));
     // Init exiting panics the kernel, which (with panic=N) resets the VM too.
