@@ -3,6 +3,13 @@
 //!
 //! Endpoints (documented in the README):
 //! - `GET /` and `GET /vm`: what this VMM runs (vCPUs, memory, kernel, uptime).
+//! - `PUT /vm/pause`, `PUT /vm/resume`: stop and restart the vCPUs.
+//! - `PUT /vm/snapshot` with a JSON body `{"path": "/x/img", "stop": false,
+//!   "compress": "zstd:1", "no_disk": false}`: checkpoint the VM into a file
+//!   (written atomically); answers with what was written. With
+//!   `"stream": true` instead of a path, the response body *is* the image
+//!   (chunked), so it can go through a pipe: this is how `vmm snapshot
+//!   --out -` works.
 //! - `PUT /vm/shutdown`: stop the VM now; `vmm` exits.
 
 use std::os::unix::net::UnixStream;
@@ -11,6 +18,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::control::{ApiRequest, SnapshotRequest, SnapshotTarget, VmmEvent};
 use crate::kvm::vcpu::StopReason;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +51,7 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    pub fn start(path: &Path, info: VmInfo, stop: Sender<StopReason>) -> Result<Self, ApiError> {
+    pub fn start(path: &Path, info: VmInfo, events: Sender<VmmEvent>) -> Result<Self, ApiError> {
         let name = path.display().to_string();
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
@@ -65,16 +73,25 @@ impl ApiServer {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                for request in s.incoming_requests() {
-                    let (code, body) = route(request.method(), request.url(), &info, &stop);
-                    let response = tiny_http::Response::from_string(body.to_string())
-                        .with_status_code(code)
-                        .with_header(
-                            "Content-Type: application/json"
-                                .parse::<tiny_http::Header>()
-                                .expect("static header is valid"),
-                        );
-                    if let Err(e) = request.respond(response) {
+                for mut request in s.incoming_requests() {
+                    let mut body = String::new();
+                    if let Err(e) = request.as_reader().read_to_string(&mut body) {
+                        log::warn!("API: cannot read a request body: {e}");
+                        continue;
+                    }
+                    let method = request.method().clone();
+                    let url = request.url().to_string();
+                    let result = match route(&method, &url, &body, &info, &events) {
+                        Routed::Json(code, body) => request.respond(json_response(code, &body)),
+                        Routed::Stream(reader) => request.respond(tiny_http::Response::new(
+                            tiny_http::StatusCode(200),
+                            vec![header("Content-Type: application/octet-stream")],
+                            reader,
+                            None,
+                            None,
+                        )),
+                    };
+                    if let Err(e) = result {
                         log::warn!("API: cannot send a response: {e}");
                     }
                 }
@@ -97,19 +114,80 @@ impl Drop for ApiServer {
     }
 }
 
-/// Maps a request to a status code and a JSON body.
+fn header(h: &str) -> tiny_http::Header {
+    h.parse().unwrap_or_else(|()| {
+        tiny_http::Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).expect("static header")
+    })
+}
+
+fn json_response(
+    code: u16,
+    body: &serde_json::Value,
+) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
+    tiny_http::Response::from_string(body.to_string())
+        .with_status_code(code)
+        .with_header(header("Content-Type: application/json"))
+}
+
+/// How a request is answered.
+enum Routed {
+    Json(u16, serde_json::Value),
+    /// The body streams from this pipe until its writer closes it.
+    Stream(std::io::PipeReader),
+}
+
+/// Body of `PUT /vm/snapshot`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    path: Option<PathBuf>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stop: bool,
+    #[serde(default = "default_compress")]
+    compress: String,
+    #[serde(default)]
+    no_disk: bool,
+}
+
+fn default_compress() -> String {
+    "zstd:1".into()
+}
+
+fn error(code: u16, msg: impl std::fmt::Display) -> Routed {
+    Routed::Json(code, serde_json::json!({ "error": msg.to_string() }))
+}
+
+/// Hands a request to the main thread and waits for its answer.
+fn ask(events: &Sender<VmmEvent>, request: ApiRequest) -> Routed {
+    let (tx, rx) = std::sync::mpsc::channel();
+    if events
+        .send(VmmEvent::Request { request, reply: tx })
+        .is_err()
+    {
+        return error(503, "the VM is shutting down");
+    }
+    match rx.recv() {
+        Ok(Ok(v)) => Routed::Json(200, v),
+        Ok(Err(e)) => error(500, e),
+        Err(_) => error(503, "the VM is shutting down"),
+    }
+}
+
+/// Maps a request to its answer.
 fn route(
     method: &tiny_http::Method,
     url: &str,
+    body: &str,
     info: &VmInfo,
-    stop: &Sender<StopReason>,
-) -> (u16, serde_json::Value) {
+    events: &Sender<VmmEvent>,
+) -> Routed {
     use tiny_http::Method::{Get, Put};
     match (method, url) {
-        (Get, "/") | (Get, "/vm") => (
+        (Get, "/") | (Get, "/vm") => Routed::Json(
             200,
             serde_json::json!({
-                "state": "running",
                 "vcpus": info.vcpus,
                 "mem_mib": info.mem_mib,
                 "kernel": info.kernel,
@@ -119,17 +197,58 @@ fn route(
             }),
         ),
         (Put, "/vm/shutdown") => {
-            let _ = stop.send(StopReason::Requested);
-            (200, serde_json::json!({ "state": "stopping" }))
+            let _ = events.send(VmmEvent::Stop(StopReason::Requested));
+            Routed::Json(200, serde_json::json!({ "state": "stopping" }))
         }
-        (_, "/" | "/vm" | "/vm/shutdown") => (
-            405,
-            serde_json::json!({ "error": format!("method {method} not allowed on {url}") }),
-        ),
-        _ => (
-            404,
-            serde_json::json!({ "error": format!("no endpoint {url}") }),
-        ),
+        (Put, "/vm/pause") => ask(events, ApiRequest::Pause),
+        (Put, "/vm/resume") => ask(events, ApiRequest::Resume),
+        (Put, "/vm/snapshot") => {
+            let b: SnapshotBody =
+                match serde_json::from_str(if body.trim().is_empty() { "{}" } else { body }) {
+                    Ok(b) => b,
+                    Err(e) => return error(400, format!("bad snapshot request: {e}")),
+                };
+            let target = match (b.path, b.stream) {
+                (Some(p), false) => SnapshotTarget::Path(p),
+                (None, true) => {
+                    let (reader, writer) = match std::io::pipe() {
+                        Ok(p) => p,
+                        Err(e) => return error(500, format!("cannot create a pipe: {e}")),
+                    };
+                    let request = ApiRequest::Snapshot(SnapshotRequest {
+                        target: SnapshotTarget::Stream(Box::new(writer)),
+                        stop: b.stop,
+                        compress: b.compress,
+                        no_disk: b.no_disk,
+                    });
+                    let (tx, _rx) = std::sync::mpsc::channel();
+                    if events
+                        .send(VmmEvent::Request { request, reply: tx })
+                        .is_err()
+                    {
+                        return error(503, "the VM is shutting down");
+                    }
+                    // The main thread writes the image into the pipe while
+                    // this thread sends it on; a failed snapshot closes the
+                    // pipe early, which the image's missing end shows.
+                    return Routed::Stream(reader);
+                }
+                _ => return error(400, "give either \"path\" or \"stream\": true"),
+            };
+            ask(
+                events,
+                ApiRequest::Snapshot(SnapshotRequest {
+                    target,
+                    stop: b.stop,
+                    compress: b.compress,
+                    no_disk: b.no_disk,
+                }),
+            )
+        }
+        (_, "/" | "/vm" | "/vm/shutdown" | "/vm/pause" | "/vm/resume" | "/vm/snapshot") => {
+            error(405, format!("method {method} not allowed on {url}"))
+        }
+        _ => error(404, format!("no endpoint {url}")),
     }
 }
 
@@ -180,7 +299,10 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 404"), "{r}");
         let r = request(&sock, "PUT /vm/shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-        assert_eq!(rx.recv().unwrap(), StopReason::Requested);
+        assert!(matches!(
+            rx.recv().unwrap(),
+            VmmEvent::Stop(StopReason::Requested)
+        ));
         drop(server);
         assert!(!sock.exists());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -6,9 +6,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use devices::legacy::i8042::I8042State;
+use devices::legacy::serial::SerialState;
 use devices::legacy::{Serial, I8042};
 use devices::virtio::block::Block;
+use devices::virtio::mmio::{DeviceArgs, DeviceState, MmioArgs, MmioState};
 use devices::virtio::MmioTransport;
+use devices::Persist;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::*;
@@ -29,10 +34,38 @@ pub enum DeviceError {
     Block { path: String, reason: String },
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error("cannot flush virtio device at {base:#x} before the snapshot: {source}")]
+    Quiesce { base: u64, source: std::io::Error },
+    #[error("cannot restore the serial port: {0}")]
+    RestoreSerial(String),
+    #[error("cannot restore the i8042: {0}")]
+    RestoreI8042(String),
+    #[error("cannot restore the virtio device at {base:#x}: {reason}")]
+    RestoreVirtio { base: u64, reason: String },
+    #[error("the image's virtio device at {base:#x} lies outside the MMIO window")]
+    BadSlot { base: u64 },
+}
+
+/// Saved state of every device, and where each sits on the buses.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialState,
+    pub i8042: I8042State,
+    pub virtio: Vec<VirtioSlotState>,
+    /// The exit status the guest had already reported, or -1.
+    pub status: i32,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VirtioSlotState {
+    pub base: u64,
+    pub gsi: u32,
+    pub transport: MmioState,
 }
 
 struct VirtioSlot {
     base: u64,
+    gsi: u32,
     transport: Mutex<MmioTransport>,
 }
 
@@ -45,6 +78,12 @@ pub struct DeviceManager {
     /// Exit status the guest reported on STATUS_PORT, or -1.
     status: AtomicI32,
     timeline: Arc<Timeline>,
+}
+
+/// A poisoned lock only means another thread panicked mid-access; the
+/// device state itself is still consistent enough to go on with.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn eventfd() -> Result<EventFd, DeviceError> {
@@ -105,9 +144,123 @@ impl DeviceManager {
         let transport = MmioTransport::new(vm.memory().clone(), Box::new(block), irq);
         self.virtio.push(VirtioSlot {
             base,
+            gsi,
             transport: Mutex::new(transport),
         });
         Ok(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
+    }
+
+    /// Makes every device's work durable (the disk's writes reach the file)
+    /// so that a snapshot of the disk agrees with the guest's page cache.
+    /// The vCPUs are paused, so no request is in flight.
+    pub fn quiesce(&self) -> Result<(), DeviceError> {
+        for slot in &self.virtio {
+            lock(&slot.transport)
+                .quiesce()
+                .map_err(|source| DeviceError::Quiesce {
+                    base: slot.base,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Reads every device's state; the vCPUs are paused.
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            serial: lock(&self.serial).save(),
+            i8042: lock(&self.i8042).save(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|slot| VirtioSlotState {
+                    base: slot.base,
+                    gsi: slot.gsi,
+                    transport: lock(&slot.transport).save(),
+                })
+                .collect(),
+            status: self.status.load(Ordering::Acquire),
+        }
+    }
+
+    /// The disk images behind the virtio-blk devices, in slot order.
+    pub fn disk_paths(&self) -> Vec<std::path::PathBuf> {
+        self.virtio
+            .iter()
+            .map(|slot| match &lock(&slot.transport).save().device {
+                DeviceState::Block(b) => b.path.clone(),
+            })
+            .collect()
+    }
+
+    /// Rebuilds the devices from a saved state. `disks` gives, in slot
+    /// order, the file that now holds each virtio-blk device's disk.
+    pub fn restore(
+        vm: &Vm,
+        state: &DevicesState,
+        console: Box<dyn std::io::Write + Send>,
+        timeline: Arc<Timeline>,
+        disks: Vec<(std::path::PathBuf, std::fs::File)>,
+    ) -> Result<Self, DeviceError> {
+        let serial_irq = eventfd()?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+        let kbd_irq = eventfd()?;
+        vm.register_irqfd(&kbd_irq, I8042_IRQ)?;
+        let i8042_reset = eventfd()?;
+        let reset_clone = i8042_reset.try_clone().map_err(DeviceError::EventFd)?;
+        let serial = Serial::restore((serial_irq, console), &state.serial)
+            .map_err(|e| DeviceError::RestoreSerial(e.to_string()))?;
+        let i8042 = I8042::restore((kbd_irq, reset_clone), &state.i8042)
+            .map_err(|e| DeviceError::RestoreI8042(e.to_string()))?;
+        if disks.len() != state.virtio.len() {
+            return Err(DeviceError::RestoreVirtio {
+                base: VIRTIO_MMIO_BASE,
+                reason: format!(
+                    "the image has {} disks, {} were given",
+                    state.virtio.len(),
+                    disks.len()
+                ),
+            });
+        }
+        let mut virtio = Vec::with_capacity(state.virtio.len());
+        for (i, (slot, (path, file))) in state.virtio.iter().zip(disks).enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let gsi = VIRTIO_IRQ_BASE + i as u32;
+            if slot.base != base || slot.gsi != gsi {
+                return Err(DeviceError::BadSlot { base: slot.base });
+            }
+            let irq = eventfd()?;
+            vm.register_irqfd(&irq, gsi)?;
+            let mut transport_state = slot.transport.clone();
+            match &mut transport_state.device {
+                DeviceState::Block(b) => b.path = path,
+            }
+            let transport = MmioTransport::restore(
+                MmioArgs {
+                    mem: vm.memory().clone(),
+                    irq,
+                    device: DeviceArgs::Block(file),
+                },
+                &transport_state,
+            )
+            .map_err(|e| DeviceError::RestoreVirtio {
+                base,
+                reason: e.to_string(),
+            })?;
+            virtio.push(VirtioSlot {
+                base,
+                gsi,
+                transport: Mutex::new(transport),
+            });
+        }
+        Ok(DeviceManager {
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(i8042),
+            i8042_reset,
+            virtio,
+            status: AtomicI32::new(state.status),
+            timeline,
+        })
     }
 
     /// Feeds console input to the serial port; returns how many bytes it took.
@@ -165,9 +318,12 @@ impl Bus for DeviceManager {
                 // The i8042 signals a CPU reset through its eventfd.
                 self.i8042_reset.read().is_ok()
             }
+            // The guest's last word: the agent has synced the disk and
+            // drained the console, so the VM ends here rather than after a
+            // reboot whose messages would mix with the command's output.
             STATUS_PORT if !data.is_empty() => {
                 self.status.store(i32::from(data[0]), Ordering::Release);
-                false
+                true
             }
             PROGRESS_PORT => {
                 self.timeline.agent_started();

@@ -7,6 +7,8 @@
 
 pub mod api;
 pub mod arch;
+pub mod checkpoint;
+pub mod control;
 pub mod device_manager;
 pub mod guest;
 pub mod kvm;

@@ -24,6 +24,12 @@ struct Cli {
 enum Command {
     /// Boot a VM and run a command (or a shell) in it.
     Run(RunArgs),
+    /// Checkpoint a running VM (through its API socket) into an image.
+    Snapshot(SnapshotArgs),
+    /// Start a VM from an image and carry on where it was.
+    Restore(RestoreArgs),
+    /// Show what an image holds; --verify checks all of it.
+    Inspect(InspectArgs),
 }
 
 #[derive(clap::Args)]
@@ -56,6 +62,223 @@ struct RunArgs {
     /// The container command and its arguments; without one, an interactive shell.
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct SnapshotArgs {
+    /// The running VMM's API socket.
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Where the image goes: a file (written atomically) or - for stdout.
+    #[arg(long)]
+    out: String,
+    /// End the VM once the image is safely written.
+    #[arg(long)]
+    stop: bool,
+    /// none, zstd or zstd:LEVEL.
+    #[arg(long, default_value = "zstd:1")]
+    compress: String,
+    /// Record the disk's path and fingerprint instead of its contents.
+    #[arg(long)]
+    no_disk: bool,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The image: a file, or - for stdin.
+    #[arg(long)]
+    from: String,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Where the image's disks are materialized (sparse files named after the image id).
+    #[arg(long, default_value = ".")]
+    disk_dir: PathBuf,
+    /// Print restore milestones as a JSON line on stderr at exit.
+    #[arg(long)]
+    timings: bool,
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// The image file (- for stdin).
+    image: String,
+    /// Check every checksum and decode every chunk.
+    #[arg(long)]
+    verify: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One HTTP request to the VMM's API socket; streams the body into `sink`.
+fn api_request(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    sink: &mut dyn std::io::Write,
+) -> anyhow::Result<u32> {
+    let mut easy = curl::easy::Easy::new();
+    easy.unix_socket_path(Some(sock))?;
+    easy.url(&format!("http://localhost{path}"))?;
+    easy.custom_request(method)?;
+    let mut headers = curl::easy::List::new();
+    headers.append("Content-Type: application/json")?;
+    easy.http_headers(headers)?;
+    easy.post_fields_copy(body.as_bytes())?;
+    let mut write_err = None;
+    {
+        let mut t = easy.transfer();
+        t.write_function(|data| match sink.write_all(data) {
+            Ok(()) => Ok(data.len()),
+            Err(e) => {
+                write_err = Some(e);
+                Ok(0)
+            }
+        })?;
+        if let Err(e) = t.perform() {
+            drop(t);
+            if let Some(w) = write_err {
+                anyhow::bail!("cannot write the image: {w}");
+            }
+            if e.is_couldnt_connect() {
+                anyhow::bail!(
+                    "no VMM answers on {} (is it running with --api-sock?)",
+                    sock.display()
+                );
+            }
+            anyhow::bail!("request to {} failed: {e}", sock.display());
+        }
+    }
+    Ok(easy.response_code()?)
+}
+
+/// Keeps the last bytes written, to check that a streamed image is whole.
+struct Tail<W> {
+    inner: W,
+    last: Vec<u8>,
+    bytes: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Tail<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.last.extend_from_slice(&b[..n]);
+        let keep = self.last.len().saturating_sub(16);
+        self.last.drain(..keep);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn api_error(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
+}
+
+fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
+    let mut req = serde_json::json!({
+        "stop": args.stop,
+        "compress": args.compress,
+        "no_disk": args.no_disk,
+    });
+    if args.out == "-" {
+        req["stream"] = true.into();
+        let stdout = std::io::stdout();
+        let mut tail = Tail {
+            inner: stdout.lock(),
+            last: Vec::new(),
+            bytes: 0,
+        };
+        let code = api_request(
+            &args.api_sock,
+            "PUT",
+            "/vm/snapshot",
+            &req.to_string(),
+            &mut tail,
+        )?;
+        std::io::Write::flush(&mut tail)?;
+        if code != 200 {
+            anyhow::bail!("snapshot failed: HTTP {code}");
+        }
+        // A whole image ends with the index footer; a failed snapshot
+        // closes the stream early.
+        if tail.last.len() < 16 || tail.last[8..16] != *b"VMMSIDX\0" {
+            anyhow::bail!(
+                "snapshot failed: the image stream ended after {} bytes without its end (see the VMM's log)",
+                tail.bytes
+            );
+        }
+        return Ok(0);
+    }
+    let out = PathBuf::from(&args.out);
+    let abs = if out.is_absolute() {
+        out
+    } else {
+        std::env::current_dir()?.join(out)
+    };
+    req["path"] = abs.display().to_string().into();
+    let mut body = Vec::new();
+    let code = api_request(
+        &args.api_sock,
+        "PUT",
+        "/vm/snapshot",
+        &req.to_string(),
+        &mut body,
+    )?;
+    if code != 200 {
+        anyhow::bail!("snapshot failed: {}", api_error(&body));
+    }
+    log::info!("{}", String::from_utf8_lossy(&body));
+    Ok(0)
+}
+
+fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
+    let from: Box<dyn std::io::Read> = if args.from == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(&args.from)
+                .with_context(|| format!("cannot open image {}", args.from))?,
+        )
+    };
+    let timeline = std::sync::Arc::new(vmm::timeline::Timeline::new(start));
+    let machine = vmm::checkpoint::restore(from, &args.disk_dir, timeline)
+        .with_context(|| format!("cannot restore from {}", args.from))?;
+    log::info!("restored in {:?}", start.elapsed());
+    let finished = runner::run_machine(machine, args.api_sock.as_deref(), start)
+        .context("the restored VM failed")?;
+    if args.timings {
+        eprintln!("{}", finished.timings);
+    }
+    Ok(finished.status)
+}
+
+fn inspect_cmd(args: InspectArgs) -> anyhow::Result<i32> {
+    let input: Box<dyn std::io::Read> = if args.image == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(&args.image)
+                .with_context(|| format!("cannot open image {}", args.image))?,
+        )
+    };
+    let report = snapshot::inspect::inspect(std::io::BufReader::new(input), args.verify)
+        .with_context(|| format!("{} is not a good image", args.image))?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&report)? + "\n"
+    } else {
+        report.to_string()
+    };
+    use std::io::Write;
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(0)
 }
 
 fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
@@ -102,6 +325,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args, start),
+        Command::Snapshot(args) => snapshot_cmd(args),
+        Command::Restore(args) => restore_cmd(args, start),
+        Command::Inspect(args) => inspect_cmd(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -1,11 +1,10 @@
 //! Builds a VM from a configuration, runs it to the end, and reports how it ended.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -13,8 +12,11 @@ use base64::Engine;
 use crate::api::{ApiServer, VmInfo};
 use crate::arch::cpuid::{self, CpuTemplate};
 use crate::arch::{layout, loader, regs};
+use crate::checkpoint;
+use crate::control::{ApiRequest, VcpuHandle, VcpuSet, VmmEvent};
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::kvm::vcpu::{kick_signal, StopReason, Vcpu, VcpuError, VcpuShared};
+use crate::kvm::persist;
+use crate::kvm::vcpu::{kick_signal, StopReason, Vcpu, VcpuControl, VcpuError, VcpuShared};
 use crate::kvm::vm::{Vm, VmError};
 use crate::terminal::RawTerminal;
 use crate::timeline::Timeline;
@@ -121,7 +123,9 @@ pub fn build_cmdline(
             }
             parts.extend(cpuid::linux_clearcpuid(template));
             if !cfg.command.is_empty() {
-                parts.push("quiet".into());
+                // Only the command's output on the console: no kernel
+                // messages below KERN_CRIT (a panic still shows).
+                parts.push("loglevel=2".into());
             }
             if cfg.rootfs.is_some() {
                 parts.push("root=/dev/vda rw rootfstype=ext4 init=/sbin/vmm-agent".into());
@@ -154,15 +158,34 @@ pub struct Finished {
     pub timings: String,
 }
 
-/// Boots the VM and runs it until the guest stops.
-pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
-    let timeline = Arc::new(Timeline::new(start));
+/// What a VM is, beyond its guest state: saved in every image so a restore
+/// rebuilds the same machine.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MachineConfig {
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub template: CpuTemplate,
+    pub kernel: String,
+    /// The disk behind each virtio-blk device when the VM started.
+    pub disks: Vec<PathBuf>,
+    /// The guest runs a container command whose status `vmm` exits with.
+    pub expects_status: bool,
+}
+
+/// A built VM, ready to run: booting and restoring both end here.
+pub struct Machine {
+    pub vm: Vm,
+    pub devices: Arc<DeviceManager>,
+    pub vcpus: Vec<Vcpu>,
+    pub config: MachineConfig,
+    pub timeline: Arc<Timeline>,
+}
+
+/// Builds a VM that boots `cfg.kernel` from its first instruction.
+pub fn boot(cfg: &VmConfig, timeline: Arc<Timeline>) -> Result<Machine, RunError> {
     cfg.validate()?;
     let template = CpuTemplate::detect();
     log::info!("CPU template: {template:?}");
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
-        .map_err(RunError::Signal)?;
-
     let vm = Vm::new(cfg.mem_mib)?;
     let kernel = loader::load_kernel(vm.memory(), &cfg.kernel)?;
     regs::write_boot_tables(vm.memory()).map_err(|e| RunError::BootTables(e.to_string()))?;
@@ -172,14 +195,12 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
     if let Some(rootfs) = &cfg.rootfs {
         device_args.push(devices.add_block(&vm, rootfs, false)?);
     }
-    let devices = Arc::new(devices);
-
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
     for id in 0..cfg.vcpus {
         let entry = (id == 0).then_some(kernel.entry);
         vcpus.push(Vcpu::new(&vm, id, cfg.vcpus, template, entry)?);
     }
-    let cmdline = build_cmdline(&cfg, template, vcpus[0].tsc_khz(), &device_args)?;
+    let cmdline = build_cmdline(cfg, template, vcpus[0].tsc_khz(), &device_args)?;
     log::info!("kernel command line: {cmdline}");
     loader::configure_boot(
         vm.memory(),
@@ -188,20 +209,64 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
         cfg.initrd.as_deref(),
         cfg.vcpus,
     )?;
+    Ok(Machine {
+        vm,
+        devices: Arc::new(devices),
+        vcpus,
+        config: MachineConfig {
+            mem_mib: cfg.mem_mib,
+            vcpus: cfg.vcpus,
+            template,
+            kernel: cfg.kernel.display().to_string(),
+            disks: cfg.rootfs.iter().cloned().collect(),
+            expects_status: !cfg.command.is_empty(),
+        },
+        timeline,
+    })
+}
 
-    let (stop_tx, stop_rx) = mpsc::channel();
-    let _api = match &cfg.api_sock {
+/// Boots the VM and runs it until the guest stops.
+pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
+    let timeline = Arc::new(Timeline::new(start));
+    let machine = boot(&cfg, timeline)?;
+    run_machine(machine, cfg.api_sock.as_deref(), start)
+}
+
+/// Runs a built (booted or restored) VM until it stops, serving the API.
+pub fn run_machine(
+    machine: Machine,
+    api_sock: Option<&Path>,
+    start: Instant,
+) -> Result<Finished, RunError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(RunError::Signal)?;
+    let Machine {
+        vm,
+        devices,
+        vcpus,
+        config,
+        timeline,
+    } = machine;
+    let msr_indices = Arc::new(match vcpus.first() {
+        Some(v) => persist::saveable_msrs(vm.kvm(), v.fd(), 0)
+            .map_err(|e| RunError::Failed(e.to_string()))?,
+        None => Vec::new(),
+    });
+    let xsave_size = persist::xsave2_size(vm.fd());
+
+    let (events_tx, events_rx) = mpsc::channel();
+    let _api = match api_sock {
         Some(path) => Some(
             ApiServer::start(
                 path,
                 VmInfo {
-                    vcpus: cfg.vcpus,
-                    mem_mib: cfg.mem_mib,
-                    kernel: cfg.kernel.display().to_string(),
-                    rootfs: cfg.rootfs.as_ref().map(|p| p.display().to_string()),
+                    vcpus: config.vcpus,
+                    mem_mib: config.mem_mib,
+                    kernel: config.kernel.clone(),
+                    rootfs: config.disks.first().map(|p| p.display().to_string()),
                     started: start,
                 },
-                stop_tx.clone(),
+                events_tx.clone(),
             )
             .map_err(|e| RunError::Api(e.to_string()))?,
         ),
@@ -212,39 +277,70 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
         bus: devices.clone(),
         memory: vm.memory().clone(),
         exiting: AtomicBool::new(false),
-        stop: stop_tx,
+        stop: events_tx,
         timeline: timeline.clone(),
     });
     let _terminal = RawTerminal::enter_if_tty();
     spawn_console_input(devices.clone(), shared.clone())?;
-    let mut handles: Vec<JoinHandle<()>> = Vec::new();
+    let mut set = VcpuSet {
+        handles: Vec::new(),
+        paused: false,
+    };
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let shared = shared.clone();
-        let h = std::thread::Builder::new()
+        let (req_tx, req_rx) = mpsc::channel();
+        let (rep_tx, rep_rx) = mpsc::channel();
+        let control = VcpuControl {
+            requests: req_rx,
+            replies: rep_tx,
+            xsave_size,
+            msr_indices: msr_indices.clone(),
+        };
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run(shared))
+            .spawn(move || vcpu.run(shared, control))
             .map_err(RunError::Thread)?;
-        handles.push(h);
+        set.handles.push(VcpuHandle {
+            thread,
+            requests: req_tx,
+            replies: rep_rx,
+        });
     }
     log::info!(
         "{} vCPUs started {:?} after start",
-        handles.len(),
+        set.handles.len(),
         start.elapsed()
     );
 
-    // Every sender lives in `shared` or the API server, so this only fails if
-    // all of them are gone, which cannot happen while vCPU threads run.
-    let reason = stop_rx
-        .recv()
-        .unwrap_or(StopReason::Failed("all vCPU threads vanished".into()));
+    let live = LiveVm {
+        vm: &vm,
+        devices: &devices,
+        config: &config,
+    };
+    let reason = loop {
+        // Every sender lives in `shared` or the API server, so this only
+        // fails if all of them are gone, which cannot happen while vCPU
+        // threads run.
+        match events_rx.recv() {
+            Ok(VmmEvent::Stop(reason)) => break reason,
+            Ok(VmmEvent::Request { request, reply }) => {
+                let (answer, stop) = live.serve(request, &mut set);
+                let _ = reply.send(answer);
+                if stop {
+                    break StopReason::Requested;
+                }
+            }
+            Err(_) => break StopReason::Failed("all vCPU threads vanished".into()),
+        }
+    };
     shared.exiting.store(true, Ordering::Release);
-    stop_vcpus(handles);
+    set.stop();
     log::info!("VM stopped ({reason:?}) after {:?}", start.elapsed());
 
     let status = match reason {
         StopReason::GuestReset | StopReason::Requested => match devices.exit_status() {
             Some(status) => i32::from(status),
-            None if cfg.command.is_empty() => 0,
+            None if !config.expects_status => 0,
             None if matches!(reason, StopReason::Requested) => 0,
             None => return Err(RunError::NoExitStatus),
         },
@@ -257,19 +353,52 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
     })
 }
 
-/// Kicks every vCPU thread out of KVM_RUN until it has seen the exit flag.
-fn stop_vcpus(handles: Vec<JoinHandle<()>>) {
-    use vmm_sys_util::signal::Killable;
-    for h in handles {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !h.is_finished() && Instant::now() < deadline {
-            let _ = h.kill(kick_signal());
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if h.is_finished() {
-            let _ = h.join();
-        } else {
-            log::warn!("a vCPU thread did not stop within 5 s");
+/// The parts of a running VM that API requests act on.
+pub struct LiveVm<'a> {
+    pub vm: &'a Vm,
+    pub devices: &'a DeviceManager,
+    pub config: &'a MachineConfig,
+}
+
+impl LiveVm<'_> {
+    /// Serves one API request; returns the answer and whether the VM must
+    /// now stop.
+    fn serve(
+        &self,
+        request: ApiRequest,
+        set: &mut VcpuSet,
+    ) -> (Result<serde_json::Value, String>, bool) {
+        match request {
+            ApiRequest::Pause => (
+                set.pause()
+                    .map(|()| serde_json::json!({ "state": "paused" }))
+                    .map_err(|e| e.to_string()),
+                false,
+            ),
+            ApiRequest::Resume => (
+                set.resume()
+                    .map(|()| serde_json::json!({ "state": "running" }))
+                    .map_err(|e| e.to_string()),
+                false,
+            ),
+            ApiRequest::Snapshot(req) => {
+                let was_paused = set.paused;
+                let stop = req.stop;
+                if let Err(e) = set.pause() {
+                    return (Err(e.to_string()), false);
+                }
+                let result = checkpoint::snapshot(self, set, req);
+                // The VM survives a failed snapshot; after a good one it
+                // carries on unless asked to stop, or stays paused if it was.
+                let stop_now = stop && result.is_ok();
+                if !stop_now && !was_paused {
+                    if let Err(e) = set.resume() {
+                        log::error!("cannot resume the VM after a snapshot: {e}");
+                        return (result.map_err(|e| e.to_string()), true);
+                    }
+                }
+                (result.map_err(|e| e.to_string()), stop_now)
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 //! own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
@@ -15,6 +15,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::{cpuid, emulate, regs};
+use crate::kvm::persist;
 use crate::kvm::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum VcpuError {
         op: &'static str,
         err: kvm_ioctls::Error,
     },
+    #[error("cannot restore a vCPU: {0}")]
+    Restore(Box<persist::PersistError>),
     #[error("vCPU {id}: KVM accepted only {set} of {total} boot MSRs")]
     Msrs { id: u8, set: usize, total: usize },
 }
@@ -108,13 +111,52 @@ pub struct VcpuShared {
     pub bus: Arc<dyn Bus>,
     pub memory: GuestMemoryMmap,
     pub exiting: AtomicBool,
-    pub stop: Sender<StopReason>,
+    /// Where a vCPU reports that the VM must stop.
+    pub stop: Sender<crate::control::VmmEvent>,
     pub timeline: Arc<crate::timeline::Timeline>,
 }
 
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
+    /// The CPUID table this vCPU was given, saved in snapshots.
+    cpuid: Vec<kvm_cpuid_entry2>,
+}
+
+/// What the VMM asks of a vCPU thread.
+#[derive(Debug)]
+pub enum VcpuRequest {
+    /// Leave KVM_RUN, finish any pending I/O, and wait.
+    Pause,
+    /// Read the (paused) vCPU's KVM state.
+    Save,
+    /// Go back to running the guest.
+    Resume,
+    /// End the thread.
+    Exit,
+}
+
+/// What a vCPU thread answers.
+pub enum VcpuReply {
+    Paused,
+    Resumed,
+    State(Box<persist::VcpuState>),
+    Error(String),
+}
+
+/// The vCPU thread's end of its control channels.
+pub struct VcpuControl {
+    pub requests: Receiver<VcpuRequest>,
+    pub replies: Sender<VcpuReply>,
+    /// This host's XSAVE area size, from [`persist::xsave2_size`].
+    pub xsave_size: Option<usize>,
+    /// The MSRs this host lets us save.
+    pub msr_indices: Arc<Vec<u32>>,
+}
+
+enum Served {
+    Running,
+    Exit,
 }
 
 fn kvm_err(id: u8, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -173,6 +215,7 @@ impl Vcpu {
         })?;
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+        let cpuid_table = entries;
 
         let boot_msrs = regs::boot_msrs();
         let entries: Vec<kvm_msr_entry> = boot_msrs
@@ -210,7 +253,15 @@ impl Vcpu {
             fd.set_regs(&regs::boot_regs(entry))
                 .map_err(kvm_err(id, "KVM_SET_REGS"))?;
         }
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu {
+            id,
+            fd,
+            cpuid: cpuid_table,
+        })
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
     }
 
     /// TSC frequency in kHz as KVM reports it for this vCPU.
@@ -218,14 +269,40 @@ impl Vcpu {
         self.fd.get_tsc_khz().ok()
     }
 
+    /// Creates vCPU `state.id` and puts a saved state into it.
+    pub fn restore(vm: &Vm, state: &persist::VcpuState) -> Result<Self, VcpuError> {
+        let id = state.id;
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err(id, "KVM_CREATE_VCPU"))?;
+        persist::restore_vcpu(vm.fd(), &fd, state).map_err(|e| VcpuError::Restore(Box::new(e)))?;
+        Ok(Vcpu {
+            id,
+            fd,
+            cpuid: state.cpuid.clone(),
+        })
+    }
+
     /// The thread body: runs until this vCPU stops the VM or is told to stop.
-    pub fn run(mut self, shared: Arc<VcpuShared>) {
+    ///
+    /// States: running (in and out of KVM_RUN), paused (out of KVM_RUN,
+    /// waiting for requests), exiting. Requests arrive on `control`; the
+    /// sender kicks the thread out of KVM_RUN with [`kick_signal`] until it
+    /// answers.
+    pub fn run(mut self, shared: Arc<VcpuShared>, control: VcpuControl) {
         if self.id == 0 {
             shared.timeline.first_instruction();
         }
         let reason = loop {
             if shared.exiting.load(Ordering::Acquire) {
                 return;
+            }
+            if let Ok(req) = control.requests.try_recv() {
+                match self.serve(req, &shared, &control) {
+                    Served::Running => continue,
+                    Served::Exit => return,
+                }
             }
             let action = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, shared.bus.as_ref()),
@@ -249,7 +326,55 @@ impl Vcpu {
         };
         shared.exiting.store(true, Ordering::Release);
         // The receiver may be gone if another vCPU stopped the VM first.
-        let _ = shared.stop.send(reason);
+        let _ = shared.stop.send(crate::control::VmmEvent::Stop(reason));
+    }
+
+    /// Handles one request; a pause keeps serving requests until a resume.
+    fn serve(&mut self, req: VcpuRequest, shared: &VcpuShared, control: &VcpuControl) -> Served {
+        let VcpuRequest::Pause = req else {
+            // Only a pause is valid while running: answer so the caller never hangs.
+            let _ = control.replies.send(VcpuReply::Error(format!(
+                "vCPU {}: {req:?} while running",
+                self.id
+            )));
+            return Served::Running;
+        };
+        // An exit that needs the VMM to finish it (a port or MMIO read) is
+        // completed by the next KVM_RUN: run once with immediate_exit so KVM
+        // writes the result into the registers and returns at once.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let _ = control.replies.send(VcpuReply::Paused);
+        loop {
+            let Ok(req) = control.requests.recv() else {
+                return Served::Exit;
+            };
+            let reply = match req {
+                VcpuRequest::Pause => VcpuReply::Paused,
+                VcpuRequest::Resume => {
+                    let _ = control.replies.send(VcpuReply::Resumed);
+                    return Served::Running;
+                }
+                VcpuRequest::Exit => return Served::Exit,
+                VcpuRequest::Save => {
+                    match persist::save_vcpu(
+                        control.xsave_size,
+                        &self.fd,
+                        self.id,
+                        &control.msr_indices,
+                        &self.cpuid,
+                    ) {
+                        Ok(state) => VcpuReply::State(Box::new(state)),
+                        Err(e) => VcpuReply::Error(e.to_string()),
+                    }
+                }
+            };
+            if shared.exiting.load(Ordering::Acquire) {
+                return Served::Exit;
+            }
+            let _ = control.replies.send(reply);
+        }
     }
 
     fn internal_suberror(&mut self) -> u32 {

@@ -117,6 +117,27 @@ impl Vm {
         &self.memory
     }
 
+    /// Guest RAM as (guest-physical address, bytes), for a snapshot.
+    ///
+    /// Only call this with every vCPU paused: the slices alias memory the
+    /// guest writes while it runs. Devices serve requests on vCPU threads,
+    /// so nothing else writes guest memory meanwhile.
+    pub fn memory_slices(&self) -> Vec<(u64, &[u8])> {
+        self.memory
+            .iter()
+            .filter_map(|region| {
+                let host = self.memory.get_host_address(region.start_addr()).ok()?;
+                let len = usize::try_from(region.len()).ok()?;
+                // SAFETY: `host` is the start of this region's live mapping of
+                // `len` bytes, owned by `self.memory` and unmapped only when
+                // `self` is dropped, which the returned borrow prevents. The
+                // caller guarantees no vCPU writes it meanwhile.
+                let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+                Some((region.start_addr().raw_value(), bytes))
+            })
+            .collect()
+    }
+
     /// Routes writes to `evt` into interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd

@@ -1,0 +1,671 @@
+//! Whole-VM checkpoint and restore through the snapshot image format.
+//!
+//! An image holds, in this order: the machine description (`vm
+//! 'machine'`), KVM's VM-wide state (`vm 'kvm'`), one section per vCPU,
+//! the devices, guest memory, then each disk's contents (or, with
+//! `--no-disk`, a reference to the disk file). Restore reads it in one pass:
+//! states first, so the VM can be built before memory streams in.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use snapshot::{
+    decode_state, flags, id_hex, Compression, EncodeOptions, FileSource, Header, ImageReader,
+    ImageWriter, Kind, Page, RawChunk, Section,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::control::{SnapshotRequest, SnapshotTarget, VcpuSet};
+use crate::device_manager::{DeviceManager, DevicesState};
+use crate::kvm::persist::{self, VcpuState, VmState};
+use crate::kvm::vcpu::Vcpu;
+use crate::kvm::vm::Vm;
+use crate::runner::{LiveVm, Machine, MachineConfig};
+use crate::timeline::Timeline;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Image(#[from] snapshot::SnapshotError),
+    #[error("cannot pause the VM: {0}")]
+    Pause(String),
+    #[error("cannot read the VM's state: {0}")]
+    Save(String),
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot make {path} durable: {source}")]
+    Sync {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read disk {path}: {source}")]
+    Disk {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the image has no '{0}' section")]
+    Missing(&'static str),
+    #[error("the image ends before its memory")]
+    NoMemory,
+    #[error("image is for {what} '{image}', this host is '{host}'")]
+    HostMismatch {
+        what: &'static str,
+        image: String,
+        host: String,
+    },
+    #[error(
+        "the image's VM needs {need_mib} MiB of memory, this host has {have_mib} MiB available"
+    )]
+    TooLittleMemory { need_mib: u64, have_mib: u64 },
+    #[error("the image's guest saw CPUID {leaf:#x}.{reg} bit {bit}, which this host's KVM does not offer")]
+    MissingCpuFeature {
+        leaf: u32,
+        reg: &'static str,
+        bit: u32,
+    },
+    #[error("the disk {path} no longer matches the image ({reason}); restore from an image taken with the disk")]
+    DiskChanged { path: String, reason: String },
+    #[error("cannot write the restored disk {path}: {source}")]
+    WriteDisk {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the image's memory layout does not match its machine ({0})")]
+    Layout(String),
+    #[error("cannot rebuild the VM: {0}")]
+    Rebuild(String),
+}
+
+/// A disk left out of the image (`--no-disk`): where it was and how to
+/// recognise it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskRef {
+    pub path: PathBuf,
+    pub size: u64,
+    /// crc32c of the whole disk.
+    pub crc32c: u32,
+}
+
+/// What the host that wrote an image was.
+fn host_cpu() -> (String, (u32, u32, u32)) {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        info.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let num = |k: &str| field(k).parse().unwrap_or(0);
+    (
+        field("vendor_id"),
+        (num("cpu family"), num("model\t"), num("stepping")),
+    )
+}
+
+fn disk_crc(file: &File, path: &Path) -> Result<(u64, u32), CheckpointError> {
+    use std::os::unix::fs::FileExt;
+    let err = |source| CheckpointError::Disk {
+        path: path.display().to_string(),
+        source,
+    };
+    let size = file.metadata().map_err(err)?.len();
+    let mut crc = 0u32;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = buf.len().min((size - off) as usize);
+        file.read_exact_at(&mut buf[..n], off).map_err(err)?;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        off += n as u64;
+    }
+    Ok((size, crc))
+}
+
+/// A temporary file next to `dest`, renamed over it once complete.
+struct AtomicFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+impl AtomicFile {
+    fn create(dest: &Path) -> Result<(Self, File), CheckpointError> {
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into());
+        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty());
+        let tmp = dir
+            .unwrap_or(Path::new("."))
+            .join(format!(".{name}.tmp.{}", std::process::id()));
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|source| CheckpointError::Create {
+                path: tmp.display().to_string(),
+                source,
+            })?;
+        Ok((
+            AtomicFile {
+                tmp,
+                dest: dest.to_path_buf(),
+                done: false,
+            },
+            f,
+        ))
+    }
+
+    /// fsync, rename over the destination, fsync the directory.
+    fn commit(mut self, f: File) -> Result<(), CheckpointError> {
+        let sync_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| CheckpointError::Sync { path, source }
+        };
+        f.sync_all().map_err(sync_err(&self.tmp))?;
+        drop(f);
+        std::fs::rename(&self.tmp, &self.dest).map_err(sync_err(&self.dest))?;
+        self.done = true;
+        let dir = self
+            .dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(sync_err(dir))?;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Checkpoints a paused VM into `req.target`.
+pub fn snapshot(
+    live: &LiveVm<'_>,
+    set: &VcpuSet,
+    req: SnapshotRequest,
+) -> Result<serde_json::Value, CheckpointError> {
+    let t0 = Instant::now();
+    let compression = Compression::parse(&req.compress)?;
+    // Flush what virtio-blk has written, so the disk matches the guest.
+    live.devices
+        .quiesce()
+        .map_err(|e| CheckpointError::Save(e.to_string()))?;
+    let vcpus = set
+        .save()
+        .map_err(|e| CheckpointError::Save(e.to_string()))?;
+    let vm_state =
+        persist::save_vm(live.vm.fd()).map_err(|e| CheckpointError::Save(e.to_string()))?;
+    let devices = live.devices.save();
+    let paused_ms = t0.elapsed().as_secs_f64() * 1000.0;
+
+    let (vendor, signature) = host_cpu();
+    let disks = live.devices.disk_paths();
+    let header = Header {
+        arch: "x86_64".into(),
+        cpu_vendor: vendor,
+        cpu_signature: signature,
+        image_id: snapshot::new_image_id(),
+        parent_id: None,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        flags: if req.no_disk || disks.is_empty() {
+            0
+        } else {
+            flags::HAS_DISK
+        },
+    };
+    let write = |out: &mut dyn Write| -> Result<snapshot::WriteSummary, CheckpointError> {
+        let mut w = ImageWriter::new(out, &header)?;
+        w.write_state(Kind::VM, "machine", live.config)?;
+        w.write_state(Kind::VM, "kvm", &vm_state)?;
+        for v in &vcpus {
+            w.write_state(Kind::VCPU, &v.id.to_string(), v)?;
+        }
+        w.write_state(Kind::DEVICE, "devices", &devices)?;
+        let opts = EncodeOptions {
+            compression,
+            ..Default::default()
+        };
+        w.write_memory(&live.vm.memory_slices(), None, opts)?;
+        for (i, path) in disks.iter().enumerate() {
+            let name = format!("disk{i}");
+            let file = File::open(path).map_err(|source| CheckpointError::Disk {
+                path: path.display().to_string(),
+                source,
+            })?;
+            if req.no_disk {
+                let (size, crc32c) = disk_crc(&file, path)?;
+                let r = DiskRef {
+                    path: std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
+                    size,
+                    crc32c,
+                };
+                w.write_state(Kind::DEVICE, &name, &r)?;
+            } else {
+                let len = file
+                    .metadata()
+                    .map_err(|source| CheckpointError::Disk {
+                        path: path.display().to_string(),
+                        source,
+                    })?
+                    .len();
+                w.write_disk(&name, &FileSource { file: &file, len }, opts)?;
+            }
+        }
+        Ok(w.finish()?.1)
+    };
+    let (summary, dest) = match req.target {
+        SnapshotTarget::Path(path) => {
+            let (atomic, file) = AtomicFile::create(&path)?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let summary = write(&mut out)?;
+            let file = out.into_inner().map_err(|e| CheckpointError::Sync {
+                path: path.display().to_string(),
+                source: e.into_error(),
+            })?;
+            atomic.commit(file)?;
+            (summary, path.display().to_string())
+        }
+        SnapshotTarget::Stream(w) => {
+            let mut out = BufWriter::with_capacity(1 << 20, w);
+            let summary = write(&mut out)?;
+            out.flush().map_err(snapshot::SnapshotError::Write)?;
+            (summary, "stream".to_string())
+        }
+    };
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    log::info!(
+        "snapshot {} written to {dest}: {} bytes in {ms:.0} ms",
+        id_hex(&header.image_id),
+        summary.bytes
+    );
+    Ok(serde_json::json!({
+        "image_id": id_hex(&header.image_id),
+        "destination": dest,
+        "bytes": summary.bytes,
+        "memory_pages": summary.memory.pages,
+        "memory_zero_pages": summary.memory.zero_pages,
+        "state_capture_ms": paused_ms,
+        "total_ms": ms,
+    }))
+}
+
+/// What restore reads before memory.
+struct States {
+    config: MachineConfig,
+    vm: VmState,
+    vcpus: Vec<VcpuState>,
+    devices: DevicesState,
+}
+
+/// Checks that this host can run the image's VM.
+fn check_host(header: &Header, states: &States, vm: &Vm) -> Result<(), CheckpointError> {
+    let (vendor, _) = host_cpu();
+    if header.cpu_vendor != vendor {
+        return Err(CheckpointError::HostMismatch {
+            what: "CPU vendor",
+            image: header.cpu_vendor.clone(),
+            host: vendor,
+        });
+    }
+    if header.arch != "x86_64" {
+        return Err(CheckpointError::HostMismatch {
+            what: "architecture",
+            image: header.arch.clone(),
+            host: "x86_64".into(),
+        });
+    }
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| CheckpointError::Rebuild(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+    let find = |leaf: u32| {
+        supported
+            .as_slice()
+            .iter()
+            .find(|e| e.function == leaf && e.index == 0)
+            .copied()
+    };
+    if let Some(v) = states.vcpus.first() {
+        for e in v.cpuid.iter().filter(|e| {
+            (e.function == 1 || e.function == 7 || e.function == 0x8000_0001) && e.index == 0
+        }) {
+            let Some(host) = find(e.function) else {
+                continue;
+            };
+            for (reg, want, have) in [
+                ("ebx", e.ebx, host.ebx),
+                ("ecx", e.ecx, host.ecx),
+                ("edx", e.edx, host.edx),
+            ] {
+                // Leaf 1 EBX is topology, not features; some leaf-1 ECX/EDX
+                // bits are set by KVM per vCPU (OSXSAVE, APIC, hypervisor).
+                if e.function == 1 && reg == "ebx" {
+                    continue;
+                }
+                let ignore = match (e.function, reg) {
+                    (1, "ecx") => (1 << 27) | (1 << 31) | (1 << 21) | (1 << 24),
+                    (1, "edx") => 1 << 9,
+                    (7, "ecx") => 1 << 4,
+                    _ => 0,
+                };
+                let missing = want & !have & !ignore;
+                log::debug!(
+                    "CPUID {:#x}.{reg}: image {want:#x}, host {have:#x}",
+                    e.function
+                );
+                if missing != 0 {
+                    return Err(CheckpointError::MissingCpuFeature {
+                        leaf: e.function,
+                        reg,
+                        bit: missing.trailing_zeros(),
+                    });
+                }
+            }
+        }
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |k: &str| -> u64 {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let have_mib = (kib("MemAvailable:") + kib("SwapFree:")) / 1024;
+    if have_mib > 0 && have_mib < states.config.mem_mib {
+        return Err(CheckpointError::TooLittleMemory {
+            need_mib: states.config.mem_mib,
+            have_mib,
+        });
+    }
+    Ok(())
+}
+
+fn read_states<R: Read>(r: &mut ImageReader<R>) -> Result<(States, Section), CheckpointError> {
+    let mut config = None;
+    let mut vm = None;
+    let mut vcpus = Vec::new();
+    let mut devices = None;
+    let first_after = loop {
+        match r.next_section()? {
+            Section::State {
+                kind,
+                name,
+                payload,
+            } => match (kind, name.as_str()) {
+                (Kind::VM, "machine") => config = Some(decode_state("vm 'machine'", &payload)?),
+                (Kind::VM, "kvm") => vm = Some(decode_state("vm 'kvm'", &payload)?),
+                (Kind::VCPU, _) => vcpus.push(decode_state::<VcpuState>(&name, &payload)?),
+                (Kind::DEVICE, "devices") => {
+                    devices = Some(decode_state("device 'devices'", &payload)?)
+                }
+                _ => log::warn!("restore: ignoring state section {name}"),
+            },
+            Section::Skipped { .. } => {}
+            other => break other,
+        }
+    };
+    let config: MachineConfig = config.ok_or(CheckpointError::Missing("machine"))?;
+    if vcpus.len() != usize::from(config.vcpus)
+        || vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| usize::from(v.id) != i)
+    {
+        return Err(CheckpointError::Layout(format!(
+            "{} vCPU sections for a {}-vCPU machine",
+            vcpus.len(),
+            config.vcpus
+        )));
+    }
+    Ok((
+        States {
+            config,
+            vm: vm.ok_or(CheckpointError::Missing("kvm"))?,
+            vcpus,
+            devices: devices.ok_or(CheckpointError::Missing("devices"))?,
+        },
+        first_after,
+    ))
+}
+
+/// Writes a batch of memory chunks into guest memory, decoding in parallel.
+/// Zero pages are skipped: fresh guest memory is zero, and not touching it
+/// saves a page fault each.
+fn apply_memory(vm: &Vm, batch: &[RawChunk]) -> Result<(), CheckpointError> {
+    let mem = vm.memory();
+    snapshot::decode_parallel(batch, 0, &|chunk| {
+        for (addr, page) in chunk.pages() {
+            if let Page::Data(d) = page {
+                mem.write_slice(d, GuestAddress(addr)).map_err(|e| {
+                    snapshot::SnapshotError::Corrupt {
+                        section: "memory".into(),
+                        reason: format!("page {addr:#x} is outside guest memory: {e}"),
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn apply_disk(
+    file: &File,
+    path: &Path,
+    batch: &[RawChunk],
+    size: u64,
+) -> Result<(), CheckpointError> {
+    use std::os::unix::fs::FileExt;
+    let err = std::sync::Mutex::new(None);
+    snapshot::decode_parallel(batch, 0, &|chunk| {
+        for (addr, page) in chunk.pages() {
+            if let Page::Data(d) = page {
+                let n = (size.saturating_sub(addr)).min(d.len() as u64) as usize;
+                if let Err(e) = file.write_all_at(&d[..n], addr) {
+                    *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    return Err(snapshot::SnapshotError::Usage("disk write failed"));
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(
+        |e| match err.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(source) => CheckpointError::WriteDisk {
+                path: path.display().to_string(),
+                source,
+            },
+            None => e.into(),
+        },
+    )
+}
+
+/// Reads an image and builds the VM it describes, ready to run.
+pub fn restore(
+    from: Box<dyn Read>,
+    disk_dir: &Path,
+    timeline: Arc<Timeline>,
+) -> Result<Machine, CheckpointError> {
+    let mut reader = ImageReader::new(BufReader::with_capacity(1 << 20, from))?;
+    let header = reader.header().clone();
+    let (states, mut section) = read_states(&mut reader)?;
+    let vm = Vm::new(states.config.mem_mib).map_err(|e| CheckpointError::Rebuild(e.to_string()))?;
+    check_host(&header, &states, &vm)?;
+
+    let Section::Memory(layout) = section else {
+        return Err(CheckpointError::NoMemory);
+    };
+    let want: Vec<(u64, u64)> = vm
+        .memory_slices()
+        .iter()
+        .map(|(a, s)| (*a, s.len() as u64))
+        .collect();
+    if layout.regions != want {
+        return Err(CheckpointError::Layout(format!(
+            "regions {:x?}, expected {want:x?}",
+            layout.regions
+        )));
+    }
+    // Memory chunks, decoded in batches on all cores, then each disk.
+    let mut disks: Vec<(PathBuf, File)> = Vec::new();
+    let mut current_disk: Option<(PathBuf, File, u64)> = None;
+    let mut batch: Vec<RawChunk> = Vec::new();
+    let flush = |batch: &mut Vec<RawChunk>,
+                 disk: &Option<(PathBuf, File, u64)>|
+     -> Result<(), CheckpointError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match disk {
+            None => apply_memory(&vm, batch)?,
+            Some((path, file, size)) => apply_disk(file, path, batch, *size)?,
+        }
+        batch.clear();
+        Ok(())
+    };
+    let mut refs: Vec<DiskRef> = Vec::new();
+    loop {
+        section = reader.next_section()?;
+        match section {
+            Section::Chunk(c) => {
+                batch.push(c);
+                if batch.len() >= 32 {
+                    flush(&mut batch, &current_disk)?;
+                }
+            }
+            Section::Disk(info) => {
+                flush(&mut batch, &current_disk)?;
+                if let Some((p, f, _)) = current_disk.take() {
+                    disks.push((p, f));
+                }
+                std::fs::create_dir_all(disk_dir).map_err(|source| CheckpointError::Create {
+                    path: disk_dir.display().to_string(),
+                    source,
+                })?;
+                let path = disk_dir.join(format!("{}-{}.img", id_hex(&header.image_id), info.name));
+                let path = unique(path);
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|source| CheckpointError::Create {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                // Sparse: only non-zero pages are written.
+                file.set_len(info.size)
+                    .map_err(|source| CheckpointError::WriteDisk {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                log::info!("restore: disk {} → {}", info.name, path.display());
+                current_disk = Some((path, file, info.size));
+            }
+            Section::State {
+                kind: Kind::DEVICE,
+                name,
+                payload,
+            } if name.starts_with("disk") => {
+                refs.push(decode_state(&name, &payload)?);
+            }
+            Section::End => break,
+            Section::Memory(_) => {
+                return Err(CheckpointError::Layout("a second memory section".into()))
+            }
+            Section::State { name, .. } => log::warn!("restore: ignoring section {name}"),
+            Section::Skipped { .. } => {}
+        }
+    }
+    flush(&mut batch, &current_disk)?;
+    if let Some((p, f, _)) = current_disk.take() {
+        disks.push((p, f));
+    }
+    for r in refs {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&r.path)
+            .map_err(|e| CheckpointError::DiskChanged {
+                path: r.path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let (size, crc) = disk_crc(&file, &r.path)?;
+        if size != r.size || crc != r.crc32c {
+            return Err(CheckpointError::DiskChanged {
+                path: r.path.display().to_string(),
+                reason: format!(
+                    "size {size} (was {}), crc32c {crc:#x} (was {:#x})",
+                    r.size, r.crc32c
+                ),
+            });
+        }
+        disks.push((r.path, file));
+    }
+    for (p, f) in &disks {
+        f.sync_all().map_err(|source| CheckpointError::WriteDisk {
+            path: p.display().to_string(),
+            source,
+        })?;
+    }
+
+    // VM-wide state, then the vCPUs (see kvm::persist for the order).
+    persist::restore_vm(vm.fd(), &states.vm)
+        .map_err(|e| CheckpointError::Rebuild(e.to_string()))?;
+    let mut config = states.config.clone();
+    config.disks = disks.iter().map(|(p, _)| p.clone()).collect();
+    let devices = DeviceManager::restore(
+        &vm,
+        &states.devices,
+        Box::new(std::io::stdout()),
+        timeline.clone(),
+        disks,
+    )
+    .map_err(|e| CheckpointError::Rebuild(e.to_string()))?;
+    let mut vcpus = Vec::with_capacity(states.vcpus.len());
+    for s in &states.vcpus {
+        vcpus.push(Vcpu::restore(&vm, s).map_err(|e| CheckpointError::Rebuild(e.to_string()))?);
+    }
+    Ok(Machine {
+        vm,
+        devices: Arc::new(devices),
+        vcpus,
+        config,
+        timeline,
+    })
+}
+
+/// `path`, or `path` with a counter if it exists (parallel restores of one
+/// image each get their own disk).
+fn unique(path: PathBuf) -> PathBuf {
+    if !path.exists() {
+        return path;
+    }
+    for i in 1.. {
+        let p = path.with_extension(format!("{i}.img"));
+        if !p.exists() {
+            return p;
+        }
+    }
+    path
+}
