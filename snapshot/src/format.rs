@@ -1,35 +1,53 @@
 //! The on-disk layout: constants, the fixed-size records, and their
-//! encoding. Everything is little-endian. See FORMAT.md for the picture.
+//! encoding. Everything is little-endian. FORMAT.md draws the picture; the
+//! serde payloads are in [`crate::state`].
 
-use serde::{Deserialize, Serialize};
-
-use crate::SnapshotError;
+pub use crate::state::{
+    flags, Compression, DiskInfo, Header, Index, IndexEntry, MemoryLayout, Space,
+};
 
 /// First bytes of every image.
 pub const MAGIC: [u8; 8] = *b"VMMSNAP\0";
-/// Last bytes of every image written by this library: the index footer.
+/// Last bytes of an image with an index: the footer's magic.
 pub const FOOTER_MAGIC: [u8; 8] = *b"VMMSIDX\0";
-/// The one format version. Bump it on any change to this module or to a
-/// serialized state struct; readers refuse every other version.
+/// The one format version. Bump it on any change to this module, to
+/// [`crate::state`] or to a serialized state struct; readers refuse every
+/// other version.
 pub const FORMAT_VERSION: u32 = 1;
 /// Guest memory and disks are described per page of this size.
 pub const PAGE_SIZE: usize = 4096;
-/// Default chunk: 1 MiB of guest memory.
+/// Default chunk: 1 MiB of guest memory. Big enough for zstd to find
+/// matches and to keep per-chunk overhead (a 44-byte record header and two
+/// 32-byte bitmaps) negligible; small enough that a lazy restore fetching
+/// one chunk per fault stays cheap.
 pub const DEFAULT_CHUNK_PAGES: u32 = 256;
 /// Largest chunk a reader accepts (16 MiB of guest memory).
 pub const MAX_CHUNK_PAGES: u32 = 4096;
-/// Largest header or state payload a reader accepts.
+/// Largest header, state, layout or index payload a reader accepts.
 pub const MAX_STATE_LEN: u64 = 64 << 20;
 /// Largest section name.
 pub const MAX_NAME_LEN: usize = 255;
+/// Size of the fixed part of the image header: magic, version, length.
+pub const FILE_HEADER_LEN: usize = 16;
 /// Size of a section record before its name and payload.
-pub const SECTION_HEADER_LEN: usize = 20;
-/// Size of the footer that closes an image.
-pub const FOOTER_LEN: usize = 16;
+pub const SECTION_HEADER_LEN: usize = 24;
+/// Size of the footer that closes an image with an index.
+pub const FOOTER_LEN: usize = 24;
+/// Size of the fixed part of a chunk payload.
+pub const CHUNK_HEADER_LEN: usize = 16;
 
-/// Section kinds. Kinds at or above 0x8000 are optional: a reader that does
-/// not know one skips it; below, it refuses the image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// Section flags ([`SectionHeader::flags`]).
+pub mod section_flags {
+    /// A reader that does not know the section's kind skips it; without
+    /// this bit it refuses the image. Lets a newer writer add data an older
+    /// reader can do without.
+    pub const OPTIONAL: u16 = 1;
+}
+
+/// Section kinds.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Kind(pub u16);
 
 impl Kind {
@@ -39,21 +57,18 @@ impl Kind {
     pub const VCPU: Kind = Kind(2);
     /// One device's state; the name says which device.
     pub const DEVICE: Kind = Kind(3);
-    /// Start of guest memory: the region layout.
+    /// Start of guest memory: its [`MemoryLayout`]; chunks follow.
     pub const MEMORY: Kind = Kind(4);
-    /// Start of a disk's contents.
+    /// Start of a disk's contents: its [`DiskInfo`]; chunks follow.
     pub const DISK: Kind = Kind(5);
     /// A chunk of pages of memory or of a disk.
     pub const CHUNK: Kind = Kind(6);
     /// End of the image's contents.
     pub const END: Kind = Kind(7);
-    /// The index after END (optional: a streaming reader never needs it).
-    pub const INDEX: Kind = Kind(0x8001);
+    /// The index after END (a streaming reader checks it and moves on).
+    pub const INDEX: Kind = Kind(8);
 
-    pub fn is_optional(self) -> bool {
-        self.0 >= 0x8000
-    }
-
+    /// What error messages call this kind.
     pub fn label(self) -> &'static str {
         match self {
             Kind::VM => "vm",
@@ -67,108 +82,17 @@ impl Kind {
             _ => "unknown",
         }
     }
-}
 
-/// How chunk data is compressed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Compression {
-    None,
-    /// zstd at this level (1 to 19).
-    Zstd(i32),
-}
-
-impl Compression {
-    /// Parses `none`, `zstd` (level 1) or `zstd:LEVEL`.
-    pub fn parse(s: &str) -> Result<Self, SnapshotError> {
-        let bad = || SnapshotError::BadCompression(s.to_string());
-        match s {
-            "none" => Ok(Compression::None),
-            "zstd" => Ok(Compression::Zstd(1)),
-            _ => {
-                let level: i32 = s
-                    .strip_prefix("zstd:")
-                    .ok_or_else(bad)?
-                    .parse()
-                    .map_err(|_| bad())?;
-                if (1..=19).contains(&level) {
-                    Ok(Compression::Zstd(level))
-                } else {
-                    Err(bad())
-                }
-            }
-        }
-    }
-
-    pub(crate) fn codec(self) -> u8 {
-        match self {
-            Compression::None => 0,
-            Compression::Zstd(_) => 1,
-        }
+    /// Kinds this build reads.
+    pub fn is_known(self) -> bool {
+        (1..=8).contains(&self.0)
     }
 }
 
-impl std::fmt::Display for Compression {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Compression::None => write!(f, "none"),
-            Compression::Zstd(l) => write!(f, "zstd:{l}"),
-        }
-    }
-}
-
-/// Image flags.
-pub mod flags {
-    /// Memory holds only the pages listed, on top of the parent image.
-    pub const INCREMENTAL: u32 = 1;
-    /// The image carries disk contents.
-    pub const HAS_DISK: u32 = 2;
-}
-
-/// The image header (after magic and version).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Header {
-    /// "x86_64".
-    pub arch: String,
-    /// CPU vendor of the host that wrote the image ("AuthenticAMD"...).
-    pub cpu_vendor: String,
-    /// CPU family, model, stepping of that host.
-    pub cpu_signature: (u32, u32, u32),
-    /// Unique id of this image.
-    pub image_id: [u8; 16],
-    /// Parent image of an incremental image.
-    pub parent_id: Option<[u8; 16]>,
-    /// Seconds since the Unix epoch.
-    pub created_unix: u64,
-    pub flags: u32,
-}
-
-/// Where memory lies: guest-physical regions, in order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemoryLayout {
-    /// (guest physical address, length in bytes), page aligned.
-    pub regions: Vec<(u64, u64)>,
-    pub chunk_pages: u32,
-    pub compression: Compression,
-}
-
-/// A disk whose contents follow.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskInfo {
-    /// Which disk (e.g. the device name).
-    pub name: String,
-    /// Size in bytes (the last page may be partial).
-    pub size: u64,
-    pub chunk_pages: u32,
-    pub compression: Compression,
-}
-
-/// Which address space a chunk's pages belong to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Space {
-    Memory,
-    /// The disk of the last DISK section.
-    Disk,
-}
+/// The END payload's one byte: bit 0 says an index and footer follow, so a
+/// streaming reader knows to read them (and never blocks waiting for bytes
+/// that will not come, or leaves the writer's trailer unread in a pipe).
+pub const END_HAS_INDEX: u8 = 1;
 
 /// The fixed part of a CHUNK payload: 16 bytes, then the `present` bitmap,
 /// the `data` bitmap (each `ceil(pages / 8)` bytes), then the data of the
@@ -179,13 +103,12 @@ pub enum Space {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkHeader {
     pub space: Space,
+    /// 0: stored, 1: zstd.
     pub codec: u8,
     pub pages: u32,
     /// Address of the first page: guest-physical, or a byte offset in the disk.
     pub base: u64,
 }
-
-pub const CHUNK_HEADER_LEN: usize = 16;
 
 impl ChunkHeader {
     pub fn encode(&self) -> [u8; CHUNK_HEADER_LEN] {
@@ -200,10 +123,9 @@ impl ChunkHeader {
         b
     }
 
+    /// Decodes the fixed part; `None` if it is not a valid chunk header.
     pub fn decode(b: &[u8]) -> Option<Self> {
-        if b.len() < CHUNK_HEADER_LEN {
-            return None;
-        }
+        let b: &[u8; CHUNK_HEADER_LEN] = b.get(..CHUNK_HEADER_LEN)?.try_into().ok()?;
         let space = match b[0] {
             0 => Space::Memory,
             1 => Space::Disk,
@@ -216,8 +138,8 @@ impl ChunkHeader {
         Some(ChunkHeader {
             space,
             codec,
-            pages: u32::from_le_bytes(b[4..8].try_into().ok()?),
-            base: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            pages: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            base: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
         })
     }
 
@@ -225,29 +147,24 @@ impl ChunkHeader {
     pub fn bitmap_len(&self) -> usize {
         (self.pages as usize).div_ceil(8)
     }
-}
 
-/// The index written after END: where every section starts, for readers
-/// that can seek (lazy restore, `inspect` on a file).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Index {
-    pub sections: Vec<IndexEntry>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexEntry {
-    pub kind: Kind,
-    pub name: String,
-    /// Offset of the section record from the start of the image.
-    pub offset: u64,
-    /// For chunks: the space and first address they cover, and the page count.
-    pub chunk: Option<(Space, u64, u32)>,
+    /// Bytes of guest memory (or disk) the chunk covers.
+    pub fn span(&self) -> u64 {
+        u64::from(self.pages) * PAGE_SIZE as u64
+    }
 }
 
 /// A section record's fixed part.
+///
+/// ```text
+/// 0  u16 kind        2  u16 flags      4  u16 name_len   6  u16 reserved (0)
+/// 8  u64 payload_len 16 u32 crc32c(name ++ payload)     20 u32 crc32c(bytes 0..20)
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SectionHeader {
     pub kind: Kind,
+    /// [`section_flags`].
+    pub flags: u16,
     pub name_len: u16,
     pub payload_len: u64,
     /// crc32c of name and payload.
@@ -258,32 +175,62 @@ impl SectionHeader {
     pub fn encode(&self) -> [u8; SECTION_HEADER_LEN] {
         let mut b = [0u8; SECTION_HEADER_LEN];
         b[0..2].copy_from_slice(&self.kind.0.to_le_bytes());
-        b[2..4].copy_from_slice(&self.name_len.to_le_bytes());
-        b[4..12].copy_from_slice(&self.payload_len.to_le_bytes());
-        b[12..16].copy_from_slice(&self.crc.to_le_bytes());
-        // Bytes 16..20: crc32c of bytes 0..16, so a corrupt length is caught
+        b[2..4].copy_from_slice(&self.flags.to_le_bytes());
+        b[4..6].copy_from_slice(&self.name_len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.payload_len.to_le_bytes());
+        b[16..20].copy_from_slice(&self.crc.to_le_bytes());
+        // The record's own checksum, so a corrupt length or kind is caught
         // before it is used.
-        let hcrc = crc32c::crc32c(&b[0..16]);
-        b[16..20].copy_from_slice(&hcrc.to_le_bytes());
+        let hcrc = crc32c::crc32c(&b[0..20]);
+        b[20..24].copy_from_slice(&hcrc.to_le_bytes());
         b
     }
 
     /// Decodes and checks the record's own checksum.
     pub fn decode(b: &[u8; SECTION_HEADER_LEN]) -> Option<Self> {
-        let hcrc = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
-        if crc32c::crc32c(&b[0..16]) != hcrc {
+        let hcrc = u32::from_le_bytes([b[20], b[21], b[22], b[23]]);
+        if crc32c::crc32c(&b[0..20]) != hcrc || b[6] != 0 || b[7] != 0 {
             return None;
         }
         Some(SectionHeader {
             kind: Kind(u16::from_le_bytes([b[0], b[1]])),
-            name_len: u16::from_le_bytes([b[2], b[3]]),
-            payload_len: u64::from_le_bytes(b[4..12].try_into().ok()?),
-            crc: u32::from_le_bytes(b[12..16].try_into().ok()?),
+            flags: u16::from_le_bytes([b[2], b[3]]),
+            name_len: u16::from_le_bytes([b[4], b[5]]),
+            payload_len: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+            crc: u32::from_le_bytes([b[16], b[17], b[18], b[19]]),
         })
+    }
+
+    pub fn is_optional(&self) -> bool {
+        self.flags & section_flags::OPTIONAL != 0
     }
 }
 
-/// Generates a fresh image id.
+/// The footer: `u64 index offset | u32 crc32c(bytes 0..8) | u32 0 | magic`.
+pub fn encode_footer(index_offset: u64) -> [u8; FOOTER_LEN] {
+    let mut b = [0u8; FOOTER_LEN];
+    b[0..8].copy_from_slice(&index_offset.to_le_bytes());
+    let crc = crc32c::crc32c(&b[0..8]);
+    b[8..12].copy_from_slice(&crc.to_le_bytes());
+    b[16..24].copy_from_slice(&FOOTER_MAGIC);
+    b
+}
+
+/// The index offset in a footer, if the footer is intact.
+pub fn decode_footer(b: &[u8; FOOTER_LEN]) -> Option<u64> {
+    if b[16..24] != FOOTER_MAGIC || b[12..16] != [0; 4] {
+        return None;
+    }
+    let crc = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    if crc32c::crc32c(&b[0..8]) != crc {
+        return None;
+    }
+    Some(u64::from_le_bytes([
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+    ]))
+}
+
+/// Generates a fresh image id: 16 bytes from the kernel's random source.
 pub fn new_image_id() -> [u8; 16] {
     use std::io::Read;
     let mut id = [0u8; 16];
@@ -291,13 +238,15 @@ pub fn new_image_id() -> [u8; 16] {
         .and_then(|mut f| f.read_exact(&mut id))
         .is_err()
     {
-        // No /dev/urandom: time and pid still make ids unique in practice.
+        // No /dev/urandom (a tight sandbox): time and pid still make ids
+        // unique in practice, and ids only need to be unique, not secret.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        id[..16].copy_from_slice(&t.to_le_bytes());
-        id[0] ^= std::process::id() as u8;
+        id.copy_from_slice(&t.to_le_bytes());
+        id[15] ^= std::process::id() as u8;
+        id[14] ^= (std::process::id() >> 8) as u8;
     }
     id
 }
@@ -316,7 +265,7 @@ mod tests {
         assert_eq!(Compression::parse("none").unwrap(), Compression::None);
         assert_eq!(Compression::parse("zstd").unwrap(), Compression::Zstd(1));
         assert_eq!(Compression::parse("zstd:3").unwrap(), Compression::Zstd(3));
-        for bad in ["zstd:0", "zstd:99", "gzip", "zstd:", "zstd:x"] {
+        for bad in ["zstd:0", "zstd:99", "gzip", "zstd:", "zstd:x", ""] {
             assert!(Compression::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Compression::Zstd(3).to_string(), "zstd:3");
@@ -326,14 +275,29 @@ mod tests {
     fn section_header_round_trips_and_catches_corruption() {
         let h = SectionHeader {
             kind: Kind::VCPU,
+            flags: section_flags::OPTIONAL,
             name_len: 3,
             payload_len: 1234,
             crc: 0xdead_beef,
         };
-        let mut b = h.encode();
+        let b = h.encode();
         assert_eq!(SectionHeader::decode(&b), Some(h));
-        b[5] ^= 1;
-        assert_eq!(SectionHeader::decode(&b), None);
+        for i in 0..SECTION_HEADER_LEN {
+            let mut bad = b;
+            bad[i] ^= 1;
+            assert_eq!(SectionHeader::decode(&bad), None, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn footer_round_trips_and_catches_corruption() {
+        let f = encode_footer(0x1234_5678_9abc);
+        assert_eq!(decode_footer(&f), Some(0x1234_5678_9abc));
+        for i in 0..FOOTER_LEN {
+            let mut bad = f;
+            bad[i] ^= 0x10;
+            assert_eq!(decode_footer(&bad), None, "byte {i}");
+        }
     }
 
     #[test]
@@ -349,5 +313,12 @@ mod tests {
         let mut b = c.encode();
         b[0] = 9;
         assert_eq!(ChunkHeader::decode(&b), None);
+        assert_eq!(ChunkHeader::decode(&b[..15]), None);
+    }
+
+    #[test]
+    fn ids_differ() {
+        assert_ne!(new_image_id(), new_image_id());
+        assert_eq!(id_hex(&[0xab; 16]).len(), 32);
     }
 }

@@ -5,32 +5,44 @@ use std::io::Read;
 
 use serde::Serialize;
 
-use crate::format::{id_hex, Kind};
-use crate::pages::Page;
+use crate::format::{id_hex, Kind, PAGE_SIZE};
 use crate::reader::{ImageReader, Section};
 use crate::SnapshotError;
 
+/// What [`inspect`] found; `Serialize` for `--json`, `Display` for people.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub format_version: u32,
     pub arch: String,
     pub cpu_vendor: String,
+    /// (family, model, stepping).
     pub cpu_signature: (u32, u32, u32),
     pub image_id: String,
     pub parent_id: Option<String>,
     pub created_unix: u64,
+    pub flags: u32,
     pub incremental: bool,
+    /// Every section in order; memory and each disk count as one, with
+    /// their chunks.
     pub sections: Vec<SectionReport>,
     pub memory: Option<DataReport>,
     pub disks: Vec<DataReport>,
+    /// Bytes read, up to and including the index and footer.
     pub total_bytes: u64,
+    /// The image carries an index (random access for lazy restore).
+    pub indexed: bool,
+    /// Every chunk was decompressed and its sizes checked.
     pub verified: bool,
 }
 
+/// One section.
 #[derive(Debug, Serialize)]
 pub struct SectionReport {
     pub kind: &'static str,
     pub name: String,
+    /// Bytes it describes: the state's payload, or memory/disk pages.
+    pub raw_bytes: u64,
+    /// Bytes it takes in the image, record headers included.
     pub stored_bytes: u64,
 }
 
@@ -42,14 +54,16 @@ pub struct DataReport {
     pub bytes: u64,
     pub compression: String,
     pub chunks: u64,
-    /// Pages the image describes.
+    /// Pages the image describes (all of them, except in an increment).
     pub pages: u64,
     pub zero_pages: u64,
     /// Share of described pages that are zero (not stored).
     pub zero_share: f64,
+    /// Bytes of the non-zero pages.
+    pub raw_bytes: u64,
     /// Bytes of the chunk records.
     pub stored_bytes: u64,
-    /// `bytes` / `stored_bytes`.
+    /// Described bytes (`pages` × 4 KiB) / `stored_bytes`.
     pub ratio: f64,
 }
 
@@ -58,14 +72,16 @@ impl DataReport {
         if self.pages > 0 {
             self.zero_share = self.zero_pages as f64 / self.pages as f64;
         }
+        self.raw_bytes = (self.pages - self.zero_pages) * PAGE_SIZE as u64;
         if self.stored_bytes > 0 {
-            self.ratio = self.bytes as f64 / self.stored_bytes as f64;
+            self.ratio = (self.pages * PAGE_SIZE as u64) as f64 / self.stored_bytes as f64;
         }
     }
 }
 
-/// Reads a whole image. With `verify`, decodes every chunk too (the
-/// checksums are always checked).
+/// Reads a whole image. Every section's checksum is always checked; with
+/// `verify`, every chunk is also decompressed and its contents checked
+/// against its bitmaps. The first problem is the error.
 pub fn inspect<R: Read>(r: R, verify: bool) -> Result<Report, SnapshotError> {
     let mut reader = ImageReader::new(r)?;
     let h = reader.header().clone();
@@ -77,99 +93,110 @@ pub fn inspect<R: Read>(r: R, verify: bool) -> Result<Report, SnapshotError> {
         image_id: id_hex(&h.image_id),
         parent_id: h.parent_id.map(|p| id_hex(&p)),
         created_unix: h.created_unix,
-        incremental: h.flags & crate::flags::INCREMENTAL != 0,
+        flags: h.flags,
+        incremental: h.is_incremental(),
         sections: Vec::new(),
         memory: None,
         disks: Vec::new(),
         total_bytes: 0,
+        indexed: false,
         verified: verify,
     };
-    // Which data the chunks belong to: None before any MEMORY/DISK.
-    let mut current: Option<DataReport> = None;
-    let mut in_memory = false;
-    let flush = |cur: &mut Option<DataReport>, mem: bool, report: &mut Report| {
-        if let Some(mut d) = cur.take() {
+    // The memory or disk whose chunks are being read.
+    let mut current: Option<(bool, DataReport)> = None;
+    let flush = |cur: &mut Option<(bool, DataReport)>, report: &mut Report| {
+        if let Some((is_mem, mut d)) = cur.take() {
             d.finish();
-            if mem {
+            report.sections.push(SectionReport {
+                kind: if is_mem { "memory" } else { "disk" },
+                name: d.name.clone(),
+                raw_bytes: d.pages * PAGE_SIZE as u64,
+                stored_bytes: d.stored_bytes,
+            });
+            if is_mem {
                 report.memory = Some(d);
             } else {
                 report.disks.push(d);
             }
         }
     };
+    let mut decoder = crate::pages::Decoder::default();
     loop {
         let before = reader.position();
-        match reader.next_section()? {
+        let section = reader.next_section()?;
+        let stored = reader.position() - before;
+        if !matches!(section, Section::Chunk(_)) {
+            flush(&mut current, &mut report);
+        }
+        match section {
             Section::End => break,
-            Section::State { kind, name, .. } => report.sections.push(SectionReport {
+            Section::State {
+                kind,
+                name,
+                payload,
+            } => report.sections.push(SectionReport {
                 kind: kind.label(),
                 name,
-                stored_bytes: reader.position() - before,
+                raw_bytes: payload.len() as u64,
+                stored_bytes: stored,
             }),
             Section::Memory(layout) => {
-                flush(&mut current, in_memory, &mut report);
-                in_memory = true;
-                current = Some(DataReport {
-                    name: "memory".into(),
-                    bytes: layout.regions.iter().map(|r| r.1).sum(),
-                    compression: layout.compression.to_string(),
-                    ..Default::default()
-                });
+                current = Some((
+                    true,
+                    DataReport {
+                        name: "memory".into(),
+                        bytes: layout.total_bytes(),
+                        compression: layout.compression.to_string(),
+                        stored_bytes: stored,
+                        ..Default::default()
+                    },
+                ));
             }
             Section::Disk(info) => {
-                flush(&mut current, in_memory, &mut report);
-                in_memory = false;
-                current = Some(DataReport {
-                    name: info.name,
-                    bytes: info.size,
-                    compression: info.compression.to_string(),
-                    ..Default::default()
-                });
+                current = Some((
+                    false,
+                    DataReport {
+                        name: info.name,
+                        bytes: info.size,
+                        compression: info.compression.to_string(),
+                        stored_bytes: stored,
+                        ..Default::default()
+                    },
+                ));
             }
             Section::Chunk(raw) => {
-                let Some(d) = current.as_mut() else {
-                    return Err(SnapshotError::Corrupt {
-                        section: format!("chunk at offset {before}"),
-                        reason: "a chunk before any memory or disk section".into(),
-                    });
+                // The reader refuses a chunk outside memory or a disk.
+                let Some((_, d)) = current.as_mut() else {
+                    return Err(SnapshotError::Usage("a chunk outside memory or a disk"));
                 };
                 d.chunks += 1;
-                d.stored_bytes += reader.position() - before;
+                d.stored_bytes += stored;
+                let (zero, absent) = raw.decode_bitmaps_only();
+                d.pages += u64::from(raw.header.pages) - absent;
+                d.zero_pages += zero;
                 if verify {
-                    let c = raw.decode()?;
-                    for (_, p) in c.pages() {
-                        match p {
-                            Page::Absent => {}
-                            Page::Zero => {
-                                d.pages += 1;
-                                d.zero_pages += 1;
-                            }
-                            Page::Data(_) => d.pages += 1,
-                        }
-                    }
-                } else {
-                    // Without decoding, count from the bitmaps' sizes.
-                    d.pages += u64::from(raw.header.pages);
-                    let c = raw.decode_bitmaps_only();
-                    d.zero_pages += c.0;
-                    d.pages -= c.1;
+                    decoder.decode(raw.payload(), raw.label())?;
                 }
             }
             Section::Skipped { kind, len } => report.sections.push(SectionReport {
                 kind: Kind(kind.0).label(),
-                name: format!("kind {:#x}, {len} bytes, skipped", kind.0),
-                stored_bytes: reader.position() - before,
+                name: format!("kind {:#x}, optional, skipped", kind.0),
+                raw_bytes: len,
+                stored_bytes: stored,
             }),
         }
     }
-    flush(&mut current, in_memory, &mut report);
+    report.indexed = reader.index().is_some();
     report.total_bytes = reader.position();
     Ok(report)
 }
 
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
         writeln!(f, "image        {}", self.image_id)?;
         writeln!(f, "format       version {}", self.format_version)?;
         writeln!(
@@ -186,19 +213,33 @@ impl std::fmt::Display for Report {
             Some(p) => writeln!(f, "kind         incremental, parent {p}")?,
             None => writeln!(f, "kind         full")?,
         }
-        writeln!(f, "size         {:.1} MiB", mib(self.total_bytes))?;
-        writeln!(f, "sections")?;
+        writeln!(
+            f,
+            "size         {:.1} MiB{}",
+            mib(self.total_bytes),
+            if self.indexed {
+                ", indexed"
+            } else {
+                ", no index"
+            }
+        )?;
+        writeln!(
+            f,
+            "sections     {:<8} {:<20} {:>14} {:>14}",
+            "kind", "name", "raw bytes", "stored bytes"
+        )?;
         for s in &self.sections {
             writeln!(
                 f,
-                "  {:<8} {:<24} {:>10} bytes",
-                s.kind, s.name, s.stored_bytes
+                "             {:<8} {:<20} {:>14} {:>14}",
+                s.kind, s.name, s.raw_bytes, s.stored_bytes
             )?;
         }
         for d in self.memory.iter().chain(&self.disks) {
             writeln!(
                 f,
-                "{:<12} {:.1} MiB in {} chunks ({}): {} pages described, {:.1}% zero; stored {:.1} MiB, ratio {:.2}",
+                "{:<12} {:.1} MiB, {} chunks ({}): {} pages, {:.1}% zero (not stored); \
+                 stored {:.1} MiB, ratio {:.2}",
                 d.name,
                 mib(d.bytes),
                 d.chunks,
@@ -210,7 +251,7 @@ impl std::fmt::Display for Report {
             )?;
         }
         if self.verified {
-            writeln!(f, "verified     every checksum and every chunk")?;
+            writeln!(f, "verified     every checksum, every chunk decoded")?;
         }
         Ok(())
     }

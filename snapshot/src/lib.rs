@@ -14,15 +14,17 @@ pub mod format;
 pub mod inspect;
 pub mod pages;
 pub mod reader;
+pub mod state;
 pub mod writer;
 
 pub use format::{
-    flags, id_hex, new_image_id, Compression, DiskInfo, Header, Kind, MemoryLayout, Space,
-    FORMAT_VERSION, PAGE_SIZE,
+    flags, id_hex, new_image_id, section_flags, Compression, DiskInfo, Header, Index, IndexEntry,
+    Kind, MemoryLayout, Space, FORMAT_VERSION, PAGE_SIZE,
 };
 pub use pages::{Chunk, ChunkStats, Page};
 pub use reader::{
-    check_chain, decode_state, read_chunk_at, read_index, ImageReader, RawChunk, Section,
+    apply_parents, check_chain, decode_state, open_index, read_chunk_at, read_index,
+    read_memory_chunk, ApplyOptions, ImageReader, PageSink, RawChunk, Section,
 };
 pub use writer::{EncodeOptions, FileSource, ImageWriter, PageSource, WriteSummary};
 
@@ -35,11 +37,22 @@ pub enum SnapshotError {
         "image format version {found} is not supported (this build reads version {supported})"
     )]
     Version { found: u32, supported: u32 },
-    #[error("image is truncated in {section} (expected {expected} more bytes, got {got})")]
+    #[error("image is truncated in {section} (expected {expected} bytes, got {got})")]
     Truncated {
         section: String,
         expected: u64,
         got: u64,
+    },
+    #[error("{section} declares {len} bytes, more than the {limit} this build accepts: the image is corrupt")]
+    TooLarge {
+        section: String,
+        len: u64,
+        limit: u64,
+    },
+    #[error("cannot write the restored pages of {section}: {source}")]
+    Sink {
+        section: String,
+        source: std::io::Error,
     },
     #[error("checksum mismatch in {section}: the image is corrupt")]
     Checksum { section: String },

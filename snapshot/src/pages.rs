@@ -1,4 +1,4 @@
-//! Chunk encoding and decoding: zero-page elision, optional page lists for
+//! Chunk encoding and decoding: zero-page elision, present-page lists for
 //! incremental images, compression. Shared by memory and disks.
 
 use crate::format::{
@@ -6,8 +6,9 @@ use crate::format::{
 };
 use crate::SnapshotError;
 
-/// True if the page holds only zeros. Checks 64-byte blocks so the compiler
-/// can vectorise each block and the scan still stops at the first non-zero.
+/// True if the page holds only zeros. ORs 64-byte blocks so the compiler
+/// vectorises each block, and the scan still stops at the first non-zero
+/// block (most non-zero pages are caught in their first 64 bytes).
 pub fn is_zero(page: &[u8]) -> bool {
     let mut blocks = page.chunks_exact(64);
     for b in &mut blocks {
@@ -18,7 +19,7 @@ pub fn is_zero(page: &[u8]) -> bool {
     blocks.remainder().iter().all(|&x| x == 0)
 }
 
-fn bit(map: &[u8], i: usize) -> bool {
+pub(crate) fn bit(map: &[u8], i: usize) -> bool {
     map.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
@@ -26,71 +27,6 @@ fn set_bit(map: &mut [u8], i: usize) {
     if let Some(b) = map.get_mut(i / 8) {
         *b |= 1 << (i % 8);
     }
-}
-
-/// Encodes one chunk. `data` holds the pages (the last one may be short: it
-/// counts as zero-padded); `present(i)` says whether page `i` belongs in the
-/// image (always true except in incremental images).
-pub fn encode_chunk(
-    space: Space,
-    base: u64,
-    data: &[u8],
-    present: &dyn Fn(usize) -> bool,
-    compression: Compression,
-    compressor: Option<&mut zstd::bulk::Compressor<'static>>,
-) -> Result<EncodedChunk, SnapshotError> {
-    let pages = data.len().div_ceil(PAGE_SIZE);
-    let header = ChunkHeader {
-        space,
-        codec: compression.codec(),
-        pages: pages as u32,
-        base,
-    };
-    let blen = header.bitmap_len();
-    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + 2 * blen + data.len() / 2);
-    out.extend_from_slice(&header.encode());
-    let mut present_map = vec![0u8; blen];
-    let mut data_map = vec![0u8; blen];
-    let mut raw = Vec::new();
-    let mut stats = ChunkStats::default();
-    for i in 0..pages {
-        if !present(i) {
-            continue;
-        }
-        set_bit(&mut present_map, i);
-        stats.pages += 1;
-        let page = &data[i * PAGE_SIZE..((i + 1) * PAGE_SIZE).min(data.len())];
-        if is_zero(page) {
-            stats.zero_pages += 1;
-            continue;
-        }
-        set_bit(&mut data_map, i);
-        raw.extend_from_slice(page);
-        raw.resize(raw.len().next_multiple_of(PAGE_SIZE), 0);
-    }
-    out.extend_from_slice(&present_map);
-    out.extend_from_slice(&data_map);
-    match (compression, compressor) {
-        (Compression::None, _) => out.extend_from_slice(&raw),
-        (Compression::Zstd(_), Some(c)) if !raw.is_empty() => {
-            let packed = c
-                .compress(&raw)
-                .map_err(|e| SnapshotError::Compress(e.to_string()))?;
-            out.extend_from_slice(&packed);
-        }
-        (Compression::Zstd(level), None) if !raw.is_empty() => {
-            let packed = zstd::bulk::compress(&raw, level)
-                .map_err(|e| SnapshotError::Compress(e.to_string()))?;
-            out.extend_from_slice(&packed);
-        }
-        (Compression::Zstd(_), _) => {}
-    }
-    stats.raw_bytes = raw.len() as u64;
-    stats.stored_bytes = out.len() as u64;
-    Ok(EncodedChunk {
-        payload: out,
-        stats,
-    })
 }
 
 /// Counts for one chunk, summed into image statistics.
@@ -115,9 +51,140 @@ impl std::ops::AddAssign for ChunkStats {
     }
 }
 
+/// An encoded chunk payload, in two parts so the compressed data is never
+/// copied: `head` (chunk header and bitmaps) and `body` (the data).
 pub struct EncodedChunk {
-    pub payload: Vec<u8>,
+    pub head: Vec<u8>,
+    pub body: Vec<u8>,
+    pub header: ChunkHeader,
     pub stats: ChunkStats,
+}
+
+impl EncodedChunk {
+    /// The payload as one buffer (tests, tools).
+    pub fn payload(&self) -> Vec<u8> {
+        [&self.head[..], &self.body[..]].concat()
+    }
+}
+
+/// Encodes chunks; one per worker thread, so the zstd context and the
+/// staging buffer are reused from chunk to chunk.
+pub struct Encoder {
+    compression: Compression,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    raw: Vec<u8>,
+}
+
+impl Encoder {
+    pub fn new(compression: Compression) -> Result<Self, SnapshotError> {
+        let compressor = match compression {
+            Compression::None => None,
+            Compression::Zstd(level) => Some(
+                zstd::bulk::Compressor::new(level)
+                    .map_err(|e| SnapshotError::Compress(e.to_string()))?,
+            ),
+        };
+        Ok(Encoder {
+            compression,
+            compressor,
+            raw: Vec::new(),
+        })
+    }
+
+    /// Encodes one chunk. `data` holds the pages (the last one may be short:
+    /// it counts as zero-padded); `present(i)` says whether page `i` belongs
+    /// in the image (always true except in incremental images).
+    pub fn encode(
+        &mut self,
+        space: Space,
+        base: u64,
+        data: &[u8],
+        present: &dyn Fn(usize) -> bool,
+    ) -> Result<EncodedChunk, SnapshotError> {
+        let pages = data.len().div_ceil(PAGE_SIZE);
+        if pages == 0 || pages > MAX_CHUNK_PAGES as usize {
+            return Err(SnapshotError::Usage("chunk size out of range"));
+        }
+        let header = ChunkHeader {
+            space,
+            codec: self.compression.codec(),
+            pages: pages as u32,
+            base,
+        };
+        let blen = header.bitmap_len();
+        let mut head = Vec::with_capacity(CHUNK_HEADER_LEN + 2 * blen);
+        head.extend_from_slice(&header.encode());
+        head.resize(CHUNK_HEADER_LEN + 2 * blen, 0);
+        let (present_map, data_map) = head[CHUNK_HEADER_LEN..].split_at_mut(blen);
+        let mut stats = ChunkStats::default();
+        // Page-aligned runs of data pages, so a chunk without zero or
+        // absent pages (most of a busy guest) is compressed straight from
+        // guest memory, without staging.
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in 0..pages {
+            if !present(i) {
+                continue;
+            }
+            set_bit(present_map, i);
+            stats.pages += 1;
+            let start = i * PAGE_SIZE;
+            let page = &data[start..(start + PAGE_SIZE).min(data.len())];
+            if is_zero(page) {
+                stats.zero_pages += 1;
+                continue;
+            }
+            set_bit(data_map, i);
+            match runs.last_mut() {
+                Some(r) if r.1 == start => r.1 = start + PAGE_SIZE,
+                _ => runs.push((start, start + PAGE_SIZE)),
+            }
+        }
+        let data_pages = (stats.pages - stats.zero_pages) as usize;
+        let raw_len = data_pages * PAGE_SIZE;
+        let src: &[u8] = match runs.as_slice() {
+            [(s, e)] if *e <= data.len() => &data[*s..*e],
+            _ => {
+                self.raw.clear();
+                for &(s, e) in &runs {
+                    self.raw.extend_from_slice(&data[s..e.min(data.len())]);
+                    // A short last page is padded with zeros.
+                    self.raw
+                        .resize(self.raw.len().next_multiple_of(PAGE_SIZE), 0);
+                }
+                &self.raw
+            }
+        };
+        debug_assert_eq!(src.len(), raw_len);
+        let body = match self.compressor.as_mut() {
+            _ if src.is_empty() => Vec::new(),
+            None => src.to_vec(),
+            Some(c) => {
+                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(src.len()));
+                c.compress_to_buffer(src, &mut out)
+                    .map_err(|e| SnapshotError::Compress(e.to_string()))?;
+                out
+            }
+        };
+        stats.raw_bytes = raw_len as u64;
+        stats.stored_bytes = (head.len() + body.len()) as u64;
+        Ok(EncodedChunk {
+            head,
+            body,
+            header,
+            stats,
+        })
+    }
+}
+
+/// Encodes one chunk with a one-off encoder (tests, tools).
+pub fn encode_chunk(
+    space: Space,
+    base: u64,
+    data: &[u8],
+    present: &dyn Fn(usize) -> bool,
+    compression: Compression,
+) -> Result<EncodedChunk, SnapshotError> {
+    Encoder::new(compression)?.encode(space, base, data, present)
 }
 
 /// What an image says about one page.
@@ -130,7 +197,7 @@ pub enum Page<'a> {
     Data(&'a [u8; PAGE_SIZE]),
 }
 
-/// A decoded chunk.
+/// A decoded chunk that owns its pages.
 #[derive(Debug)]
 pub struct Chunk {
     pub header: ChunkHeader,
@@ -141,114 +208,201 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// Address (guest-physical or disk offset) of page `i`.
+    /// Address (guest-physical or disk offset) of page `i`. decode checked
+    /// that the chunk's last page address does not overflow.
     pub fn page_addr(&self, i: usize) -> u64 {
         self.header.base + (i * PAGE_SIZE) as u64
     }
 
     /// Every page of the chunk, with its address, in order.
     pub fn pages(&self) -> impl Iterator<Item = (u64, Page<'_>)> + '_ {
-        let mut next_data = 0usize;
-        (0..self.header.pages as usize).map(move |i| {
-            let addr = self.page_addr(i);
-            if !bit(&self.present, i) {
-                return (addr, Page::Absent);
-            }
-            if !bit(&self.data_map, i) {
-                return (addr, Page::Zero);
-            }
-            let start = next_data * PAGE_SIZE;
-            next_data += 1;
-            // decode() checked that the data holds one page per data bit.
-            match self
-                .data
-                .get(start..start + PAGE_SIZE)
-                .and_then(|s| <&[u8; PAGE_SIZE]>::try_from(s).ok())
-            {
-                Some(p) => (addr, Page::Data(p)),
-                None => (addr, Page::Zero),
-            }
-        })
+        self.view()
+            .into_pages()
+            .map(|(i, p)| (self.page_addr(i), p))
     }
 
     /// Pages with data.
     pub fn data_pages(&self) -> usize {
         self.data.len() / PAGE_SIZE
     }
+
+    fn view(&self) -> ChunkView<'_> {
+        ChunkView {
+            header: self.header,
+            present: &self.present,
+            data_map: &self.data_map,
+            data: &self.data,
+        }
+    }
 }
 
-/// Decodes a chunk payload, checking every count against the header and
-/// never allocating more than the chunk's declared pages.
-pub fn decode_chunk(payload: &[u8], section: &str) -> Result<Chunk, SnapshotError> {
-    let corrupt = |reason: &str| SnapshotError::Corrupt {
-        section: section.to_string(),
-        reason: reason.to_string(),
-    };
-    let header = ChunkHeader::decode(payload).ok_or_else(|| corrupt("bad chunk header"))?;
-    if header.pages == 0 || header.pages > MAX_CHUNK_PAGES {
-        return Err(corrupt("chunk page count out of range"));
+/// A decoded chunk borrowing its bitmaps from the payload and its data from
+/// the payload (stored) or a reused buffer (zstd).
+#[derive(Clone, Copy)]
+pub(crate) struct ChunkView<'a> {
+    pub header: ChunkHeader,
+    present: &'a [u8],
+    data_map: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> ChunkView<'a> {
+    /// (page index, page) for every page.
+    pub fn into_pages(self) -> impl Iterator<Item = (usize, Page<'a>)> {
+        let mut next_data = 0usize;
+        (0..self.header.pages as usize).map(move |i| {
+            if !bit(self.present, i) {
+                return (i, Page::Absent);
+            }
+            if !bit(self.data_map, i) {
+                return (i, Page::Zero);
+            }
+            let start = next_data * PAGE_SIZE;
+            next_data += 1;
+            // decode checked that the data holds one page per data bit, so
+            // the fallback is unreachable.
+            match self
+                .data
+                .get(start..start + PAGE_SIZE)
+                .and_then(|s| <&[u8; PAGE_SIZE]>::try_from(s).ok())
+            {
+                Some(p) => (i, Page::Data(p)),
+                None => (i, Page::Zero),
+            }
+        })
     }
-    if header.base % PAGE_SIZE as u64 != 0
-        || header
-            .base
-            .checked_add(u64::from(header.pages) * PAGE_SIZE as u64)
-            .is_none()
-    {
-        return Err(corrupt("chunk address is not a page address"));
+
+    /// Copies the chunk onto `dest` (which covers exactly the chunk's
+    /// pages, or less for a short last disk page): data pages always, zero
+    /// pages only if `write_zeros` (a fresh destination is already zero,
+    /// and not touching it spares the page faults).
+    pub fn apply_to(self, dest: &mut [u8], write_zeros: bool) {
+        for (i, page) in self.into_pages() {
+            let start = i * PAGE_SIZE;
+            let Some(d) = dest.get_mut(start..(start + PAGE_SIZE).min(dest.len())) else {
+                break;
+            };
+            match page {
+                Page::Absent => {}
+                Page::Zero if write_zeros => d.fill(0),
+                Page::Zero => {}
+                Page::Data(p) => d.copy_from_slice(&p[..d.len()]),
+            }
+        }
     }
-    let blen = header.bitmap_len();
-    let maps_end = CHUNK_HEADER_LEN + 2 * blen;
-    if payload.len() < maps_end {
-        return Err(corrupt("chunk bitmaps cut short"));
+
+    pub fn to_owned_chunk(self) -> Chunk {
+        Chunk {
+            header: self.header,
+            present: self.present.to_vec(),
+            data_map: self.data_map.to_vec(),
+            data: self.data.to_vec(),
+        }
     }
-    let present = payload[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + blen].to_vec();
-    let data_map = payload[CHUNK_HEADER_LEN + blen..maps_end].to_vec();
-    let mut data_pages = 0usize;
-    for i in 0..header.pages as usize {
-        if bit(&data_map, i) {
-            if !bit(&present, i) {
+}
+
+/// Reusable state for decoding chunks on one thread.
+#[derive(Default)]
+pub(crate) struct Decoder {
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
+    scratch: Vec<u8>,
+}
+
+impl Decoder {
+    /// Decodes a chunk payload, checking every count against the header and
+    /// never allocating more than the chunk's declared pages.
+    pub fn decode<'a>(
+        &'a mut self,
+        payload: &'a [u8],
+        section: &str,
+    ) -> Result<ChunkView<'a>, SnapshotError> {
+        let corrupt = |reason: &str| SnapshotError::Corrupt {
+            section: section.to_string(),
+            reason: reason.to_string(),
+        };
+        let header = ChunkHeader::decode(payload).ok_or_else(|| corrupt("bad chunk header"))?;
+        if header.pages == 0 || header.pages > MAX_CHUNK_PAGES {
+            return Err(corrupt("chunk page count out of range"));
+        }
+        if !header.base.is_multiple_of(PAGE_SIZE as u64)
+            || header.base.checked_add(header.span()).is_none()
+        {
+            return Err(corrupt("chunk address is not a page address"));
+        }
+        let blen = header.bitmap_len();
+        let maps_end = CHUNK_HEADER_LEN + 2 * blen;
+        let Some(maps) = payload.get(CHUNK_HEADER_LEN..maps_end) else {
+            return Err(corrupt("chunk bitmaps cut short"));
+        };
+        let (present, data_map) = maps.split_at(blen);
+        // Data bits must be a subset of present bits, and bits past the
+        // page count clear (unused bits of the last byte).
+        let mut data_pages = 0usize;
+        for (i, (&p, &d)) in present.iter().zip(data_map).enumerate() {
+            if d & !p != 0 {
                 return Err(corrupt("page with data but not present"));
             }
-            data_pages += 1;
+            data_pages += d.count_ones() as usize;
+            let valid = (header.pages as usize).saturating_sub(i * 8).min(8);
+            let mask = if valid == 8 { 0xff } else { (1u8 << valid) - 1 };
+            if (p | d) & !mask != 0 {
+                return Err(corrupt("bitmap bits past the chunk's pages"));
+            }
         }
+        let want = data_pages * PAGE_SIZE;
+        let body = &payload[maps_end..];
+        let data: &[u8] = match header.codec {
+            0 => {
+                if body.len() != want {
+                    return Err(corrupt(&format!(
+                        "stored data is {} bytes, the bitmap says {want}",
+                        body.len()
+                    )));
+                }
+                body
+            }
+            _ if want == 0 => {
+                if !body.is_empty() {
+                    return Err(corrupt("data after a chunk without data pages"));
+                }
+                body
+            }
+            _ => {
+                let dctx = match &mut self.dctx {
+                    Some(d) => d,
+                    None => self.dctx.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| corrupt(&format!("zstd: {e}")))?,
+                    ),
+                };
+                self.scratch.clear();
+                // The buffer's capacity bounds the output: a frame claiming
+                // more than the bitmap's pages fails instead of allocating.
+                self.scratch.reserve_exact(want);
+                let n = dctx
+                    .decompress_to_buffer(body, &mut self.scratch)
+                    .map_err(|e| corrupt(&format!("zstd: {e}")))?;
+                if n != want {
+                    return Err(corrupt(&format!(
+                        "compressed data decodes to {n} bytes, the bitmap says {want}"
+                    )));
+                }
+                &self.scratch[..want]
+            }
+        };
+        Ok(ChunkView {
+            header,
+            present,
+            data_map,
+            data,
+        })
     }
-    // Bits past the page count must be clear.
-    for i in header.pages as usize..blen * 8 {
-        if bit(&present, i) || bit(&data_map, i) {
-            return Err(corrupt("bitmap bits past the chunk's pages"));
-        }
-    }
-    let want = data_pages * PAGE_SIZE;
-    let body = &payload[maps_end..];
-    let data = match header.codec {
-        0 => {
-            if body.len() != want {
-                return Err(corrupt("uncompressed data has the wrong size"));
-            }
-            body.to_vec()
-        }
-        _ if want == 0 => {
-            if !body.is_empty() {
-                return Err(corrupt("data after a chunk without data pages"));
-            }
-            Vec::new()
-        }
-        _ => {
-            let mut out = vec![0u8; want];
-            let n = zstd::bulk::decompress_to_buffer(body, &mut out)
-                .map_err(|e| corrupt(&format!("zstd: {e}")))?;
-            if n != want {
-                return Err(corrupt("compressed data decodes to the wrong size"));
-            }
-            out
-        }
-    };
-    Ok(Chunk {
-        header,
-        present,
-        data_map,
-        data,
-    })
+}
+
+/// Decodes a chunk payload into a [`Chunk`] that owns its pages.
+pub fn decode_chunk(payload: &[u8], section: &str) -> Result<Chunk, SnapshotError> {
+    let mut d = Decoder::default();
+    Ok(d.decode(payload, section)?.to_owned_chunk())
 }
 
 #[cfg(test)]
@@ -262,6 +416,7 @@ mod tests {
         p[4095] = 1;
         assert!(!is_zero(&p));
         assert!(is_zero(&[0u8; 100]));
+        assert!(!is_zero(&[0, 0, 1]));
     }
 
     #[test]
@@ -270,40 +425,66 @@ mod tests {
         data[PAGE_SIZE + 5] = 7; // page 1: data
         data[3 * PAGE_SIZE + 99] = 9; // page 3: short, data
         for c in [Compression::None, Compression::Zstd(1)] {
-            let e = encode_chunk(Space::Memory, 0x1000, &data, &|i| i != 2, c, None).unwrap();
+            let e = encode_chunk(Space::Memory, 0x1000, &data, &|i| i != 2, c).unwrap();
             assert_eq!(e.stats.pages, 3);
             assert_eq!(e.stats.zero_pages, 1);
-            let ch = decode_chunk(&e.payload, "t").unwrap();
+            let ch = decode_chunk(&e.payload(), "t").unwrap();
             let pages: Vec<_> = ch.pages().collect();
             assert_eq!(pages.len(), 4);
             assert_eq!(pages[0], (0x1000, Page::Zero));
             assert!(matches!(pages[1], (0x2000, Page::Data(d)) if d[5] == 7));
             assert_eq!(pages[2], (0x3000, Page::Absent));
             assert!(matches!(pages[3], (0x4000, Page::Data(d)) if d[99] == 9 && d[100] == 0));
+            assert_eq!(ch.data_pages(), 2);
         }
+    }
+
+    #[test]
+    fn a_chunk_of_only_data_pages_is_not_staged() {
+        let data: Vec<u8> = (0..4 * PAGE_SIZE).map(|i| (i % 251) as u8 + 1).collect();
+        let e = encode_chunk(Space::Disk, 0, &data, &|_| true, Compression::Zstd(1)).unwrap();
+        let mut dest = vec![0u8; data.len()];
+        let mut d = Decoder::default();
+        let payload = e.payload();
+        d.decode(&payload, "t").unwrap().apply_to(&mut dest, false);
+        assert_eq!(dest, data);
+    }
+
+    #[test]
+    fn apply_writes_zero_pages_only_when_asked() {
+        let mut data = vec![0u8; 2 * PAGE_SIZE];
+        data[PAGE_SIZE] = 1;
+        let e = encode_chunk(Space::Memory, 0, &data, &|_| true, Compression::None).unwrap();
+        let payload = e.payload();
+        let mut d = Decoder::default();
+        let mut dest = vec![0xeeu8; 2 * PAGE_SIZE];
+        d.decode(&payload, "t").unwrap().apply_to(&mut dest, false);
+        assert_eq!(dest[0], 0xee);
+        assert_eq!(&dest[PAGE_SIZE..], &data[PAGE_SIZE..]);
+        d.decode(&payload, "t").unwrap().apply_to(&mut dest, true);
+        assert_eq!(dest, data);
     }
 
     #[test]
     fn corrupt_chunks_are_refused() {
         let data = vec![1u8; 2 * PAGE_SIZE];
-        let e = encode_chunk(
-            Space::Memory,
-            0,
-            &data,
-            &|_| true,
-            Compression::Zstd(1),
-            None,
-        )
-        .unwrap();
-        for cut in 0..e.payload.len() {
-            assert!(
-                decode_chunk(&e.payload[..cut], "t").is_err(),
-                "cut at {cut}"
-            );
+        for c in [Compression::None, Compression::Zstd(1)] {
+            let payload = encode_chunk(Space::Memory, 0, &data, &|_| true, c)
+                .unwrap()
+                .payload();
+            for cut in 0..payload.len() {
+                assert!(decode_chunk(&payload[..cut], "t").is_err(), "cut at {cut}");
+            }
+            let mut bad = payload.clone();
+            bad[4] = 0xff; // page count
+            bad[5] = 0xff;
+            assert!(decode_chunk(&bad, "t").is_err());
+            let mut bad = payload.clone();
+            bad[CHUNK_HEADER_LEN] = 0b1000_0001; // a present bit past page 2
+            assert!(decode_chunk(&bad, "t").is_err());
+            let mut bad = payload.clone();
+            bad[CHUNK_HEADER_LEN] = 0b01; // page 1 has data but is absent
+            assert!(decode_chunk(&bad, "t").is_err());
         }
-        let mut bad = e.payload.clone();
-        bad[4] = 0xff; // page count
-        bad[5] = 0xff;
-        assert!(decode_chunk(&bad, "t").is_err());
     }
 }

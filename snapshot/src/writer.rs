@@ -1,20 +1,27 @@
 //! Writes an image to any `Write`, never seeking.
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::{mpsc, Condvar, Mutex};
 
 use serde::Serialize;
 
 use crate::format::{
-    flags, Compression, DiskInfo, Header, Index, IndexEntry, Kind, MemoryLayout, SectionHeader,
-    Space, FOOTER_MAGIC, FORMAT_VERSION, MAGIC, MAX_CHUNK_PAGES, MAX_NAME_LEN, PAGE_SIZE,
+    encode_footer, section_flags, Compression, DiskInfo, Header, Index, IndexEntry, Kind,
+    MemoryLayout, SectionHeader, Space, END_HAS_INDEX, FORMAT_VERSION, MAGIC, MAX_CHUNK_PAGES,
+    MAX_NAME_LEN, MAX_STATE_LEN, PAGE_SIZE,
 };
-use crate::pages::{encode_chunk, ChunkStats, EncodedChunk};
+use crate::pages::{ChunkStats, EncodedChunk, Encoder};
 use crate::SnapshotError;
 
 /// Pages of one region or disk, read by worker threads.
 pub trait PageSource: Sync {
     /// Length in bytes.
     fn len(&self) -> u64;
+    /// True if there are no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Fills `buf` from byte `offset` (`buf` never runs past `len`).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
     /// The bytes at `offset` without a copy, when they are in memory.
@@ -60,6 +67,7 @@ impl PageSource for FileSource<'_> {
 #[derive(Clone, Copy, Debug)]
 pub struct EncodeOptions {
     pub compression: Compression,
+    /// Pages per chunk (1 to [`MAX_CHUNK_PAGES`]).
     pub chunk_pages: u32,
     /// Worker threads for compression (0: one per core).
     pub threads: usize,
@@ -75,12 +83,10 @@ impl Default for EncodeOptions {
     }
 }
 
-impl EncodeOptions {
-    fn threads(&self) -> usize {
-        match self.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        }
+pub(crate) fn threads_or_cores(n: usize) -> usize {
+    match n {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     }
 }
 
@@ -101,6 +107,7 @@ impl<W: Write> Counting<W> {
 /// What `finish` reports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WriteSummary {
+    /// Bytes of the whole image.
     pub bytes: u64,
     pub memory: ChunkStats,
     pub disk: ChunkStats,
@@ -108,9 +115,24 @@ pub struct WriteSummary {
 
 /// Streams an image: header, then sections in the order they are given,
 /// then END, the index and the footer.
+///
+/// ```no_run
+/// # fn main() -> Result<(), snapshot::SnapshotError> {
+/// use snapshot::{EncodeOptions, Header, ImageWriter, Kind};
+/// let memory = vec![0u8; 1 << 20];
+/// let out = std::fs::File::create("vm.img").map_err(snapshot::SnapshotError::Write)?;
+/// let header = Header::new("x86_64", "GenuineIntel", (6, 0x8f, 8), 0);
+/// let mut w = ImageWriter::new(std::io::BufWriter::new(out), &header)?;
+/// w.write_state(Kind::VM, "machine", &("q35", 1u32))?;
+/// w.write_state(Kind::VCPU, "0", &[0u64; 4])?;
+/// w.write_memory(&[(0, &memory[..])], None, EncodeOptions::default())?;
+/// let (_out, summary) = w.finish()?;
+/// # Ok(()) }
+/// ```
 pub struct ImageWriter<W: Write> {
     out: Counting<W>,
     index: Index,
+    write_index: bool,
     summary: WriteSummary,
     incremental: bool,
 }
@@ -122,8 +144,9 @@ impl<W: Write> ImageWriter<W> {
         let mut w = ImageWriter {
             out: Counting { inner: out, pos: 0 },
             index: Index::default(),
+            write_index: true,
             summary: WriteSummary::default(),
-            incremental: header.flags & flags::INCREMENTAL != 0,
+            incremental: header.is_incremental(),
         };
         w.out.put(&MAGIC)?;
         w.out.put(&FORMAT_VERSION.to_le_bytes())?;
@@ -133,49 +156,91 @@ impl<W: Write> ImageWriter<W> {
         Ok(w)
     }
 
-    /// Writes one section record.
+    /// Whether `finish` appends the index and footer (default: yes). The
+    /// streaming reader reads past them, so an index is harmless on a pipe;
+    /// turn it off only to save its few bytes per MiB when nobody will
+    /// seek in the image.
+    pub fn set_index(&mut self, on: bool) {
+        self.write_index = on;
+    }
+
+    /// Writes one required section record: a reader that does not know
+    /// `kind` refuses the image.
     pub fn write_section(
         &mut self,
         kind: Kind,
         name: &str,
         payload: &[u8],
     ) -> Result<(), SnapshotError> {
-        self.write_section_at(kind, name, payload, None)
+        self.write_record(kind, 0, name, &[payload], None)
     }
 
-    fn write_section_at(
+    /// Writes one optional section record: a reader that does not know
+    /// `kind` skips it.
+    pub fn write_optional_section(
         &mut self,
         kind: Kind,
         name: &str,
         payload: &[u8],
-        chunk: Option<(Space, u64, u32)>,
+    ) -> Result<(), SnapshotError> {
+        self.write_record(kind, section_flags::OPTIONAL, name, &[payload], None)
+    }
+
+    fn write_record(
+        &mut self,
+        kind: Kind,
+        flags: u16,
+        name: &str,
+        parts: &[&[u8]],
+        chunk: Option<(&str, ChunkRef)>,
     ) -> Result<(), SnapshotError> {
         if name.len() > MAX_NAME_LEN {
             return Err(SnapshotError::NameTooLong(name.to_string()));
         }
         let mut crc = crc32c::crc32c(name.as_bytes());
-        crc = crc32c::crc32c_append(crc, payload);
+        let mut len = 0u64;
+        for p in parts {
+            crc = crc32c::crc32c_append(crc, p);
+            len += <[u8]>::len(p) as u64;
+        }
+        if kind != Kind::CHUNK && len > MAX_STATE_LEN {
+            return Err(SnapshotError::TooLarge {
+                section: format!("{} '{name}'", kind.label()),
+                len,
+                limit: MAX_STATE_LEN,
+            });
+        }
         let h = SectionHeader {
             kind,
+            flags,
             name_len: name.len() as u16,
-            payload_len: payload.len() as u64,
+            payload_len: len,
             crc,
         };
         if kind != Kind::INDEX {
+            let (name, chunk) = match chunk {
+                Some((owner, c)) => (owner, Some(c)),
+                None => (name, None),
+            };
             self.index.sections.push(IndexEntry {
                 kind,
                 name: name.to_string(),
                 offset: self.out.pos,
+                len: (crate::format::SECTION_HEADER_LEN + h.name_len as usize) as u64 + len,
                 chunk,
             });
         }
         self.out.put(&h.encode())?;
         self.out.put(name.as_bytes())?;
-        self.out.put(payload)
+        for p in parts {
+            self.out.put(p)?;
+        }
+        Ok(())
     }
 
-    /// Writes a serde value as a state section (VM, vCPU, device).
-    pub fn write_state<T: Serialize>(
+    /// Writes a serde value (postcard) as a state section: VM (`Kind::VM`),
+    /// vCPU (`Kind::VCPU`, named by its index) or device (`Kind::DEVICE`).
+    pub fn write_state<T: Serialize + ?Sized>(
         &mut self,
         kind: Kind,
         name: &str,
@@ -185,9 +250,10 @@ impl<W: Write> ImageWriter<W> {
         self.write_section(kind, name, &payload)
     }
 
-    /// Writes guest memory: `regions` are (guest-physical address, bytes).
-    /// `dirty`, for an incremental image, gives per region a bitmap (bit per
-    /// page, 64 pages per word) of the pages to store.
+    /// Writes guest memory: `regions` are (guest-physical address, bytes),
+    /// page aligned. `dirty`, for an incremental image (and only for one),
+    /// gives per region a bitmap of the pages to store: bit `p % 64` of word
+    /// `p / 64` for page `p` of the region (KVM's dirty log format).
     pub fn write_memory(
         &mut self,
         regions: &[(u64, &[u8])],
@@ -196,7 +262,7 @@ impl<W: Write> ImageWriter<W> {
     ) -> Result<ChunkStats, SnapshotError> {
         if dirty.is_some() != self.incremental {
             return Err(SnapshotError::Usage(
-                "a dirty-page list goes with an incremental header, and only with one",
+                "a dirty-page bitmap goes with an incremental header, and only with one",
             ));
         }
         let layout = MemoryLayout {
@@ -207,25 +273,41 @@ impl<W: Write> ImageWriter<W> {
             chunk_pages: opts.chunk_pages,
             compression: opts.compression,
         };
-        for (addr, data) in regions {
-            if addr % PAGE_SIZE as u64 != 0 || <[u8]>::len(data) % PAGE_SIZE != 0 {
-                return Err(SnapshotError::Usage("memory regions must be page aligned"));
+        if layout.validate().is_err() {
+            return Err(SnapshotError::Usage(
+                "memory regions must be page aligned and must not overlap, and chunks hold 1 to 4096 pages",
+            ));
+        }
+        if let Some(d) = dirty {
+            if d.len() != regions.len() {
+                return Err(SnapshotError::Usage("one dirty bitmap per memory region"));
+            }
+            for (bits, (_, data)) in d.iter().zip(regions) {
+                if bits.len() < (<[u8]>::len(data) / PAGE_SIZE).div_ceil(64) {
+                    return Err(SnapshotError::Usage(
+                        "a dirty bitmap is shorter than its region",
+                    ));
+                }
             }
         }
         self.write_state(Kind::MEMORY, "memory", &layout)?;
         let mut total = ChunkStats::default();
         for (ri, (addr, data)) in regions.iter().enumerate() {
             let bits = dirty.and_then(|d| d.get(ri)).map(|v| v.as_slice());
-            if dirty.is_some() && bits.is_none() {
-                return Err(SnapshotError::Usage("one dirty bitmap per memory region"));
-            }
-            total += self.write_chunks(Space::Memory, *addr, data, bits, opts)?;
+            total += self.write_chunks(Space::Memory, "memory", *addr, data, bits, opts)?;
         }
         self.summary.memory += total;
+        log::debug!(
+            "memory: {} pages, {} zero, {} bytes stored",
+            total.pages,
+            total.zero_pages,
+            total.stored_bytes
+        );
         Ok(total)
     }
 
-    /// Writes a disk's contents (`source` of `source.len()` bytes).
+    /// Writes a disk's contents (`source` of `source.len()` bytes). `name`
+    /// says which disk; a reader gets it back in [`DiskInfo`].
     pub fn write_disk(
         &mut self,
         name: &str,
@@ -238,16 +320,28 @@ impl<W: Write> ImageWriter<W> {
             chunk_pages: opts.chunk_pages,
             compression: opts.compression,
         };
+        if info.validate().is_err() {
+            return Err(SnapshotError::Usage("chunks hold 1 to 4096 pages"));
+        }
         self.write_state(Kind::DISK, name, &info)?;
-        let stats = self.write_chunks(Space::Disk, 0, source, None, opts)?;
+        let stats = self.write_chunks(Space::Disk, name, 0, source, None, opts)?;
         self.summary.disk += stats;
         Ok(stats)
     }
 
-    /// Encodes `source` in chunks on worker threads, writing them in order.
+    /// Encodes `source` in chunks on worker threads and writes them in
+    /// order from this thread.
+    ///
+    /// Why hand-rolled scoped threads and not rayon: the output must stay
+    /// in order while at most a few chunks are in flight (bounded memory
+    /// for a 64 GiB guest), the writing must overlap the compressing, and
+    /// the workers borrow guest memory for the call only. A claim counter
+    /// with a window, a channel and a small reorder buffer do exactly that
+    /// in some sixty lines, without a global pool or a dependency.
     fn write_chunks(
         &mut self,
         space: Space,
+        owner: &str,
         base: u64,
         source: &dyn PageSource,
         dirty: Option<&[u64]>,
@@ -256,111 +350,224 @@ impl<W: Write> ImageWriter<W> {
         if opts.chunk_pages == 0 || opts.chunk_pages > MAX_CHUNK_PAGES {
             return Err(SnapshotError::Usage("chunk size out of range"));
         }
-        let chunk_bytes = opts.chunk_pages as u64 * PAGE_SIZE as u64;
+        let chunk_bytes = u64::from(opts.chunk_pages) * PAGE_SIZE as u64;
         let len = source.len();
-        let nchunks = len.div_ceil(chunk_bytes) as usize;
-        let threads = opts.threads().max(1);
-        // Chunks in flight: enough to keep every thread busy while bounding memory.
-        let batch = threads * 4;
-        let mut stats = ChunkStats::default();
-        let page_dirty = |page: u64| -> bool {
-            match dirty {
-                None => true,
-                Some(bits) => bits
-                    .get((page / 64) as usize)
-                    .is_some_and(|w| w & (1 << (page % 64)) != 0),
-            }
-        };
-        let mut first = 0usize;
-        while first < nchunks {
-            let last = (first + batch).min(nchunks);
-            let mut results: Vec<Option<Result<EncodedChunk, SnapshotError>>> =
-                (first..last).map(|_| None).collect();
-            std::thread::scope(|s| {
-                let slots: Vec<_> = results.iter_mut().enumerate().collect();
-                let mut per_thread: Vec<Vec<(usize, &mut Option<_>)>> =
-                    (0..threads).map(|_| Vec::new()).collect();
-                for (i, slot) in slots {
-                    per_thread[i % threads].push((i, slot));
-                }
-                for work in per_thread {
-                    s.spawn(move || {
-                        let mut compressor = match opts.compression {
-                            Compression::Zstd(level) => zstd::bulk::Compressor::new(level).ok(),
-                            Compression::None => None,
-                        };
-                        let mut buf = Vec::new();
-                        for (i, slot) in work {
-                            let ci = (first + i) as u64;
-                            let off = ci * chunk_bytes;
-                            let n = chunk_bytes.min(len - off) as usize;
-                            let first_page = off / PAGE_SIZE as u64;
-                            let present = |p: usize| page_dirty(first_page + p as u64);
-                            let result = match source.slice(off, n) {
-                                Some(data) => encode_chunk(
-                                    space,
-                                    base + off,
-                                    data,
-                                    &present,
-                                    opts.compression,
-                                    compressor.as_mut(),
-                                ),
-                                None => {
-                                    buf.resize(n, 0);
-                                    match source.read_at(off, &mut buf) {
-                                        Ok(()) => encode_chunk(
-                                            space,
-                                            base + off,
-                                            &buf,
-                                            &present,
-                                            opts.compression,
-                                            compressor.as_mut(),
-                                        ),
-                                        Err(e) => Err(SnapshotError::Source(e)),
-                                    }
-                                }
-                            };
-                            *slot = Some(result);
-                        }
-                    });
-                }
-            });
-            for (i, r) in results.into_iter().enumerate() {
-                let chunk = r.ok_or(SnapshotError::Usage("a chunk was not encoded"))??;
-                let ci = (first + i) as u64;
-                // An incremental chunk with no page of this image is left out.
-                if chunk.stats.pages == 0 && dirty.is_some() {
-                    continue;
-                }
-                let pages = chunk
-                    .payload
-                    .get(4..8)
-                    .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                self.write_section_at(
-                    Kind::CHUNK,
-                    "",
-                    &chunk.payload,
-                    Some((space, base + ci * chunk_bytes, pages)),
-                )?;
-                stats += chunk.stats;
-            }
-            first = last;
+        if base.checked_add(len).is_none() {
+            return Err(SnapshotError::Usage(
+                "region wraps around the address space",
+            ));
         }
+        let nchunks = usize::try_from(len.div_ceil(chunk_bytes))
+            .map_err(|_| SnapshotError::Usage("region too large"))?;
+        let job = ChunkJob {
+            space,
+            base,
+            source,
+            dirty,
+            chunk_bytes,
+            len,
+        };
+        let threads = threads_or_cores(opts.threads).min(nchunks).max(1);
+        let mut stats = ChunkStats::default();
+        let mut emit = |me: &mut Self, chunk: Option<EncodedChunk>| -> Result<(), SnapshotError> {
+            if let Some(c) = chunk {
+                let cref = (c.header.space, c.header.base, c.header.pages);
+                me.write_record(Kind::CHUNK, 0, "", &[&c.head, &c.body], Some((owner, cref)))?;
+                stats += c.stats;
+            }
+            Ok(())
+        };
+        if threads == 1 {
+            let mut enc = Encoder::new(opts.compression)?;
+            let mut buf = Vec::new();
+            for i in 0..nchunks {
+                let c = job.encode(i, &mut enc, &mut buf)?;
+                emit(self, c)?;
+            }
+            return Ok(stats);
+        }
+        // Chunks claimed but not yet written: enough to keep every worker
+        // busy while this thread writes, and a bound on memory.
+        let window = threads * 4;
+        let claim = Mutex::new(Claim {
+            next: 0,
+            written: 0,
+            abort: false,
+        });
+        let wake = Condvar::new();
+        let (tx, rx) = mpsc::channel::<(usize, Result<Option<EncodedChunk>, SnapshotError>)>();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let tx = tx.clone();
+                let (claim, wake, job) = (&claim, &wake, &job);
+                s.spawn(move || {
+                    let mut enc = match Encoder::new(opts.compression) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = tx.send((usize::MAX, Err(e)));
+                            return;
+                        }
+                    };
+                    let mut buf = Vec::new();
+                    while let Some(i) = Claim::take(claim, wake, nchunks, window) {
+                        let r = job.encode(i, &mut enc, &mut buf);
+                        if tx.send((i, r)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut pending = BTreeMap::new();
+            let mut result = Ok(());
+            let mut next = 0;
+            while next < nchunks {
+                let Ok((i, r)) = rx.recv() else {
+                    result = Err(SnapshotError::Usage("a compression thread stopped"));
+                    break;
+                };
+                if i == usize::MAX {
+                    // A worker could not start (no zstd context).
+                    result = r.map(|_| ());
+                    break;
+                }
+                pending.insert(i, r);
+                while let Some(r) = pending.remove(&next) {
+                    if let Err(e) = r.and_then(|c| emit(self, c)) {
+                        result = Err(e);
+                        break;
+                    }
+                    next += 1;
+                }
+                if result.is_err() {
+                    break;
+                }
+                lock(&claim).written = next;
+                wake.notify_all();
+            }
+            lock(&claim).abort = true;
+            wake.notify_all();
+            drop(rx);
+            result
+        })?;
         Ok(stats)
     }
 
     /// Writes END, the index and the footer, and flushes. Returns the
     /// destination, so the caller can fsync a file.
     pub fn finish(mut self) -> Result<(W, WriteSummary), SnapshotError> {
-        self.write_section(Kind::END, "", &[])?;
-        let index_offset = self.out.pos;
-        let index = std::mem::take(&mut self.index);
-        let payload = postcard::to_allocvec(&index).map_err(SnapshotError::serialize("index"))?;
-        self.write_section(Kind::INDEX, "", &payload)?;
-        self.out.put(&index_offset.to_le_bytes())?;
-        self.out.put(&FOOTER_MAGIC)?;
+        let mut index = std::mem::take(&mut self.index);
+        // END itself is in the index (written just below, one byte).
+        index.sections.push(IndexEntry {
+            kind: Kind::END,
+            name: String::new(),
+            offset: self.out.pos,
+            len: crate::format::SECTION_HEADER_LEN as u64 + 1,
+            chunk: None,
+        });
+        let payload = if self.write_index {
+            let p = postcard::to_allocvec(&index).map_err(SnapshotError::serialize("index"))?;
+            if p.len() as u64 > MAX_STATE_LEN {
+                // Millions of chunks: a reader would refuse this index, and
+                // the image is complete without it.
+                log::warn!("image index too large ({} bytes): not written", p.len());
+                None
+            } else {
+                Some(p)
+            }
+        } else {
+            None
+        };
+        let end = [if payload.is_some() { END_HAS_INDEX } else { 0 }];
+        self.write_section(Kind::END, "", &end)?;
+        if let Some(p) = payload {
+            let index_offset = self.out.pos;
+            self.write_record(Kind::INDEX, section_flags::OPTIONAL, "", &[&p], None)?;
+            self.out.put(&encode_footer(index_offset))?;
+        }
         self.out.inner.flush().map_err(SnapshotError::Write)?;
         self.summary.bytes = self.out.pos;
+        log::debug!("image written: {} bytes", self.out.pos);
         Ok((self.out.inner, self.summary))
+    }
+}
+
+type ChunkRef = (Space, u64, u32);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Which chunks the workers may take.
+struct Claim {
+    next: usize,
+    written: usize,
+    abort: bool,
+}
+
+impl Claim {
+    /// The next chunk to encode, waiting while the window is full; `None`
+    /// when all are taken or the writer gave up.
+    fn take(m: &Mutex<Claim>, wake: &Condvar, n: usize, window: usize) -> Option<usize> {
+        let mut c = lock(m);
+        loop {
+            if c.abort || c.next >= n {
+                return None;
+            }
+            if c.next < c.written + window {
+                c.next += 1;
+                return Some(c.next - 1);
+            }
+            c = wake.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// One region or disk being cut into chunks.
+struct ChunkJob<'a> {
+    space: Space,
+    base: u64,
+    source: &'a dyn PageSource,
+    dirty: Option<&'a [u64]>,
+    chunk_bytes: u64,
+    len: u64,
+}
+
+impl ChunkJob<'_> {
+    /// Encodes chunk `i`; `None` for an incremental chunk with no page to
+    /// store (it is left out of the image).
+    fn encode(
+        &self,
+        i: usize,
+        enc: &mut Encoder,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<EncodedChunk>, SnapshotError> {
+        let off = i as u64 * self.chunk_bytes;
+        let n = self.chunk_bytes.min(self.len - off) as usize;
+        let first_page = off / PAGE_SIZE as u64;
+        let page_dirty = |p: usize| -> bool {
+            let page = first_page + p as u64;
+            match self.dirty {
+                None => true,
+                Some(bits) => bits
+                    .get((page / 64) as usize)
+                    .is_some_and(|w| w & (1 << (page % 64)) != 0),
+            }
+        };
+        if self.dirty.is_some() && !(0..n.div_ceil(PAGE_SIZE)).any(page_dirty) {
+            return Ok(None);
+        }
+        let data = match self.source.slice(off, n) {
+            Some(d) => d,
+            None => {
+                buf.resize(n, 0);
+                self.source
+                    .read_at(off, buf)
+                    .map_err(SnapshotError::Source)?;
+                &buf[..]
+            }
+        };
+        enc.encode(self.space, self.base + off, data, &page_dirty)
+            .map(Some)
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::io::Cursor;
 
 use proptest::prelude::*;
+use snapshot::format::{FOOTER_LEN, SECTION_HEADER_LEN};
 use snapshot::*;
 
 const P: usize = PAGE_SIZE;
@@ -54,18 +55,18 @@ fn fill(kinds: &[u8], seed: u64) -> Vec<u8> {
 }
 
 #[derive(Debug)]
-struct Read {
+struct Image {
     header: Header,
     states: BTreeMap<(Kind, String), Vec<u8>>,
     memory: BTreeMap<u64, Vec<u8>>,
     disk: Vec<u8>,
 }
 
-/// Reads a whole image, applying memory chunks onto `base` (the parent's
-/// memory for an incremental image).
-fn read_all(img: &[u8], base: Option<BTreeMap<u64, Vec<u8>>>) -> Result<Read, SnapshotError> {
+/// Reads a whole image section by section, applying memory chunks onto
+/// `base` (the parent's memory for an incremental image).
+fn read_all(img: &[u8], base: Option<BTreeMap<u64, Vec<u8>>>) -> Result<Image, SnapshotError> {
     let mut r = ImageReader::new(Cursor::new(img))?;
-    let mut out = Read {
+    let mut out = Image {
         header: r.header().clone(),
         states: BTreeMap::new(),
         memory: base.unwrap_or_default(),
@@ -119,6 +120,50 @@ fn read_all(img: &[u8], base: Option<BTreeMap<u64, Vec<u8>>>) -> Result<Read, Sn
     }
 }
 
+/// Memory regions, and the disk if the image has one.
+type Restored = (Vec<Vec<u8>>, Option<Vec<u8>>);
+
+/// Reads an image the way restore does: states, then memory into slices on
+/// worker threads, then the disk into a file.
+fn restore(img: &[u8], sizes: &[(u64, usize)], threads: usize) -> Result<Restored, SnapshotError> {
+    let mut r = ImageReader::new(Cursor::new(img))?;
+    let (_, _): (String, (String, u64)) = r.read_state(Kind::VM)?;
+    let (idx, v): (String, FakeVcpu) = r.read_state(Kind::VCPU)?;
+    assert_eq!((idx.as_str(), v.rip), ("0", 0xffff_ffff_8100_0000));
+    let (_, _): (String, Vec<u8>) = r.read_state(Kind::DEVICE)?;
+    let Section::Memory(_) = r.next_section()? else {
+        panic!("no memory");
+    };
+    let mut mem: Vec<Vec<u8>> = sizes.iter().map(|&(_, l)| vec![0u8; l]).collect();
+    let mut regions: Vec<(u64, &mut [u8])> = sizes
+        .iter()
+        .zip(mem.iter_mut())
+        .map(|(&(a, _), m)| (a, &mut m[..]))
+        .collect();
+    let opts = ApplyOptions {
+        threads,
+        dest_is_zeroed: true,
+    };
+    let (_, next) = r.read_memory_into(&mut regions, opts)?;
+    let disk = match next {
+        Section::Disk(info) => {
+            let f = tempfile::tempfile().unwrap();
+            let (_, next) = r.read_disk_into(&f, opts)?;
+            assert!(matches!(next, Section::End));
+            let mut d = Vec::new();
+            use std::io::{Read, Seek};
+            let mut f = f;
+            f.rewind().unwrap();
+            f.read_to_end(&mut d).unwrap();
+            assert_eq!(d.len() as u64, info.size);
+            Some(d)
+        }
+        Section::End => None,
+        other => panic!("{other:?}"),
+    };
+    Ok((mem, disk))
+}
+
 fn write_image(
     h: &Header,
     regions: &[(u64, &[u8])],
@@ -162,6 +207,17 @@ fn sample() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     (low, high, disk)
 }
 
+/// Offsets where each section record starts, END's end, and the end.
+fn boundaries(img: &[u8]) -> Vec<usize> {
+    let idx = read_index(&mut Cursor::new(img)).unwrap();
+    let mut b: Vec<usize> = idx.sections.iter().map(|s| s.offset as usize).collect();
+    let end = idx.sections.last().unwrap();
+    assert_eq!(end.kind, Kind::END);
+    b.push((end.offset + end.len) as usize);
+    b.push(img.len() - FOOTER_LEN);
+    b
+}
+
 #[test]
 fn full_image_round_trips_in_every_compression() {
     let (low, high, disk) = sample();
@@ -186,23 +242,47 @@ fn full_image_round_trips_in_every_compression() {
         assert_eq!(r.disk, disk);
         let v: FakeVcpu = decode_state("vcpu 0", &r.states[&(Kind::VCPU, "0".into())]).unwrap();
         assert_eq!(v.rip, 0xffff_ffff_8100_0000);
+        for threads in [1, 3] {
+            let (mem, d) =
+                restore(&img, &[(0, low.len()), (0x10_0000, high.len())], threads).unwrap();
+            assert_eq!(mem[0], low);
+            assert_eq!(mem[1], high);
+            assert_eq!(d.unwrap(), disk);
+        }
         // inspect agrees, and zero pages were not stored.
         let rep = inspect::inspect(Cursor::new(&img), true).unwrap();
-        let m = rep.memory.unwrap();
+        let m = rep.memory.as_ref().unwrap();
         assert_eq!(m.pages, 300);
         assert!(m.zero_share > 0.15, "{}", m.zero_share);
         assert_eq!(rep.disks.len(), 1);
-        assert_eq!(rep.total_bytes, img.len() as u64 - 16 - rep_index_len(&img));
+        assert!(rep.indexed);
+        assert_eq!(rep.total_bytes, img.len() as u64);
+        let stored: u64 = rep.sections.iter().map(|s| s.stored_bytes).sum();
+        assert!(stored < img.len() as u64);
+        let text = rep.to_string();
+        assert!(
+            text.contains("zero (not stored)") && text.contains("vcpu"),
+            "{text}"
+        );
+        let json = serde_json::to_string(&rep).unwrap();
+        assert!(json.contains("\"zero_share\""));
         let quick = inspect::inspect(Cursor::new(&img), false).unwrap();
         assert_eq!(quick.memory.unwrap().zero_pages, m.zero_pages);
     }
 }
 
-/// Bytes of the index and footer after END.
-fn rep_index_len(img: &[u8]) -> u64 {
-    let idx = read_index(&mut Cursor::new(img)).unwrap();
-    let end = idx.sections.last().unwrap();
-    img.len() as u64 - 16 - end.offset - 20
+#[test]
+fn an_image_without_index_reads_the_same() {
+    let (low, _, _) = sample();
+    let mut w = ImageWriter::new(Vec::new(), &header(0, None)).unwrap();
+    w.set_index(false);
+    w.write_memory(&[(0, &low)], None, EncodeOptions::default())
+        .unwrap();
+    let img = w.finish().unwrap().0;
+    assert!(read_index(&mut Cursor::new(&img)).is_err());
+    let r = read_all(&img, None).unwrap();
+    assert_eq!(r.memory[&0], low);
+    assert!(!inspect::inspect(Cursor::new(&img), true).unwrap().indexed);
 }
 
 #[test]
@@ -216,20 +296,18 @@ fn truncation_anywhere_is_an_error() {
         Compression::Zstd(1),
         8,
     );
-    let idx = read_index(&mut Cursor::new(&img)).unwrap();
-    let end_off = idx
-        .sections
-        .iter()
-        .find(|s| s.kind == Kind::END)
-        .unwrap()
-        .offset;
-    let mut cuts: Vec<u64> = idx.sections.iter().map(|s| s.offset).collect();
-    cuts.extend([0, 1, 7, 8, 15, 16, 20, 21]);
-    cuts.extend((0..img.len() as u64).step_by(97));
-    for cut in cuts.into_iter().filter(|&c| c < end_off + 20) {
-        let e = read_all(&img[..cut as usize], None);
+    let mut cuts: Vec<usize> = boundaries(&img);
+    cuts.extend([0, 1, 7, 8, 15, 16, 20, 21, img.len() - 1]);
+    cuts.extend((0..img.len()).step_by(97));
+    for cut in cuts.into_iter().filter(|&c| c < img.len()) {
+        let e = read_all(&img[..cut], None);
         assert!(e.is_err(), "cut at {cut} read as a whole image");
+        assert!(inspect::inspect(Cursor::new(&img[..cut]), false).is_err());
     }
+    let e = read_all(&img[..boundaries(&img)[5] + 30], None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("truncated in") && e.contains("expected"), "{e}");
 }
 
 #[test]
@@ -237,7 +315,7 @@ fn a_flipped_byte_is_caught_and_named() {
     let (low, _, _) = sample();
     let img = write_image(
         &header(0, None),
-        &[(0, &low)],
+        &[(0x4000_0000, &low)],
         None,
         None,
         Compression::Zstd(1),
@@ -248,15 +326,36 @@ fn a_flipped_byte_is_caught_and_named() {
         if s.kind == Kind::END {
             continue;
         }
-        let mut bad = img.clone();
-        let at = s.offset as usize + 20 + s.name.len();
-        bad[at] ^= 0x40;
-        let e = read_all(&bad, None).unwrap_err().to_string();
-        assert!(e.contains("checksum") || e.contains("corrupt"), "{e}");
-        if s.kind == Kind::VCPU {
-            assert!(e.contains("vcpu '0'"), "{e}");
+        let name_len = if s.kind == Kind::CHUNK {
+            0
+        } else {
+            s.name.len()
+        };
+        for at in [
+            s.offset as usize + 3,
+            s.offset as usize + SECTION_HEADER_LEN + name_len + 20,
+        ] {
+            let mut bad = img.clone();
+            bad[at] ^= 0x40;
+            let e = read_all(&bad, None).unwrap_err().to_string();
+            assert!(e.contains("checksum") || e.contains("corrupt"), "{e}");
+            if s.kind == Kind::VCPU && at > s.offset as usize + 20 {
+                assert!(e.contains("vcpu '0'"), "{e}");
+            }
+            if s.kind == Kind::CHUNK && at > s.offset as usize + 20 {
+                let (_, base, _) = s.chunk.unwrap();
+                assert!(
+                    e.contains(&format!("memory chunk at guest {base:#x}")),
+                    "{e}"
+                );
+            }
         }
     }
+    // The trailer is checked too.
+    let mut bad = img.clone();
+    let n = bad.len();
+    bad[n - FOOTER_LEN - 2] ^= 1;
+    assert!(read_all(&bad, None).is_err());
 }
 
 #[test]
@@ -270,9 +369,12 @@ fn other_versions_and_garbage_are_refused() {
         8,
     );
     let mut v2 = img.clone();
-    v2[8] = 2;
+    v2[8] = 3;
     let e = read_all(&v2, None).unwrap_err().to_string();
-    assert!(e.contains("version 2") && e.contains("version 1"), "{e}");
+    assert_eq!(
+        e,
+        "image format version 3 is not supported (this build reads version 1)"
+    );
     let e = read_all(b"#!/bin/sh\necho hello\n", None)
         .unwrap_err()
         .to_string();
@@ -281,54 +383,101 @@ fn other_versions_and_garbage_are_refused() {
 
 #[test]
 fn unknown_sections_are_skipped_when_optional_refused_when_required() {
-    for (kind, ok) in [(Kind(0x9000), true), (Kind(0x0100), false)] {
+    for (optional, ok) in [(true, true), (false, false)] {
         let mut w = ImageWriter::new(Vec::new(), &header(0, None)).unwrap();
-        w.write_section(kind, "future", &[1, 2, 3]).unwrap();
+        if optional {
+            w.write_optional_section(Kind(0x100), "future", &[1, 2, 3])
+                .unwrap();
+        } else {
+            w.write_section(Kind(0x100), "future", &[1, 2, 3]).unwrap();
+        }
         w.write_state(Kind::VM, "machine", &1u32).unwrap();
         let img = w.finish().unwrap().0;
         let r = read_all(&img, None);
-        assert_eq!(r.is_ok(), ok, "{kind:?}");
-        if ok {
-            assert!(r
-                .unwrap()
-                .states
-                .contains_key(&(Kind::VM, "machine".into())));
+        assert_eq!(r.is_ok(), ok, "{optional}");
+        match r {
+            Ok(r) => assert!(r.states.contains_key(&(Kind::VM, "machine".into()))),
+            Err(e) => assert!(e.to_string().contains("newer vmm"), "{e}"),
         }
     }
 }
 
 #[test]
 fn incremental_chain_merges_and_checks_parents() {
-    let (low, _, _) = sample();
+    let (low, high, _) = sample();
+    let regions = [(0u64, &low[..]), (0x10_0000, &high[..])];
     let base_h = header(0, None);
-    let base = write_image(&base_h, &[(0, &low)], None, None, Compression::Zstd(1), 8);
-    // Change pages 3 (to data) and 5 (to zero); only those are listed.
-    let mut now = low.clone();
-    now[3 * P..4 * P].fill(0xab);
-    now[5 * P..6 * P].fill(0);
-    let dirty = vec![vec![(1u64 << 3) | (1 << 5)]];
-    let inc_h = header(flags::INCREMENTAL, Some(base_h.image_id));
-    let inc = write_image(
-        &inc_h,
-        &[(0, &now)],
-        Some(&dirty),
+    let base = write_image(&base_h, &regions, None, None, Compression::Zstd(1), 8);
+    // Step 1: page 3 of low gets data, page 5 turns zero.
+    let mut now1 = (low.clone(), high.clone());
+    now1.0[3 * P..4 * P].fill(0xab);
+    now1.0[5 * P..6 * P].fill(0);
+    let inc1_h = header(flags::INCREMENTAL, Some(base_h.image_id));
+    let dirty1 = vec![vec![(1u64 << 3) | (1 << 5)], vec![0u64; 5]];
+    let inc1 = write_image(
+        &inc1_h,
+        &[(0, &now1.0), (0x10_0000, &now1.1)],
+        Some(&dirty1),
         None,
         Compression::Zstd(1),
         8,
     );
     assert!(
-        inc.len() < base.len() / 4,
+        inc1.len() < base.len() / 4,
         "{} vs {}",
-        inc.len(),
+        inc1.len(),
         base.len()
     );
-    let merged = read_all(&inc, Some(read_all(&base, None).unwrap().memory)).unwrap();
-    assert_eq!(merged.memory[&0], now);
-    check_chain(&[&base_h, &inc_h]).unwrap();
-    let other = header(0, None);
-    let e = check_chain(&[&other, &inc_h]).unwrap_err().to_string();
+    // Step 2: page 70 of high changes.
+    let mut now2 = now1.clone();
+    now2.1[70 * P] ^= 0xff;
+    let inc2_h = header(flags::INCREMENTAL, Some(inc1_h.image_id));
+    let mut hb = vec![0u64; 5];
+    hb[1] = 1 << 6;
+    let dirty2 = vec![vec![0u64], hb];
+    let inc2 = write_image(
+        &inc2_h,
+        &[(0, &now2.0), (0x10_0000, &now2.1)],
+        Some(&dirty2),
+        None,
+        Compression::None,
+        8,
+    );
+
+    // Section by section.
+    let merged = read_all(&inc1, Some(read_all(&base, None).unwrap().memory)).unwrap();
+    assert_eq!(merged.memory[&0], now1.0);
+    // Through the library: parents, then the top image onto them.
+    let mut m0 = vec![0u8; low.len()];
+    let mut m1 = vec![0u8; high.len()];
+    let mut regions: Vec<(u64, &mut [u8])> = vec![(0, &mut m0[..]), (0x10_0000, &mut m1[..])];
+    let mut top = ImageReader::new(Cursor::new(&inc2)).unwrap();
+    top.skip_to_memory().unwrap();
+    apply_parents(
+        vec![Cursor::new(&base), Cursor::new(&inc1)],
+        top.header(),
+        &mut regions,
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    let opts = ApplyOptions {
+        dest_is_zeroed: false,
+        ..Default::default()
+    };
+    let (stats, end) = top.read_memory_into(&mut regions, opts).unwrap();
+    assert!(matches!(end, Section::End));
+    assert_eq!(stats.pages, 1);
+    assert_eq!(m0, now2.0);
+    assert_eq!(m1, now2.1);
+
+    // Wrong parents.
+    check_chain(&[&base_h, &inc1_h, &inc2_h]).unwrap();
+    let e = check_chain(&[&base_h, &inc2_h]).unwrap_err().to_string();
     assert!(e.contains("parent"), "{e}");
-    assert!(check_chain(&[&inc_h]).is_err());
+    let mut regions: Vec<(u64, &mut [u8])> = vec![(0, &mut m0[..]), (0x10_0000, &mut m1[..])];
+    assert!(apply_parents(vec![Cursor::new(&inc1)], &inc2_h, &mut regions, opts).is_err());
+    assert!(apply_parents(vec![Cursor::new(&base)], &inc2_h, &mut regions, opts).is_err());
+    assert!(check_chain(&[&inc1_h]).is_err());
 }
 
 #[test]
@@ -343,45 +492,119 @@ fn the_index_finds_any_chunk() {
         4,
     );
     let mut f = Cursor::new(&img);
-    let idx = read_index(&mut f).unwrap();
-    let e = idx
-        .sections
-        .iter()
-        .find(|s| matches!(s.chunk, Some((Space::Memory, a, _)) if a == 0x10_0000 + 8 * P as u64))
-        .unwrap();
-    let c = read_chunk_at(&mut f, e.offset).unwrap();
-    for (addr, p) in c.pages() {
-        let off = (addr - 0x10_0000) as usize;
-        match p {
-            Page::Data(d) => assert_eq!(&d[..], &high[off..off + P]),
-            Page::Zero => assert!(high[off..off + P].iter().all(|&b| b == 0)),
-            Page::Absent => panic!("absent page in a full image"),
+    let (h, idx) = open_index(&mut f).unwrap();
+    assert_eq!(h.arch, "x86_64");
+    for addr in [
+        0u64,
+        0x3000,
+        0x10_0000 + 8 * P as u64 + 5,
+        0x10_0000 + high.len() as u64 - 1,
+    ] {
+        let c = read_memory_chunk(&mut f, &idx, addr).unwrap().unwrap();
+        for (a, p) in c.pages() {
+            let (region, base) = if a >= 0x10_0000 {
+                (&high, 0x10_0000)
+            } else {
+                (&low, 0)
+            };
+            let off = (a - base) as usize;
+            match p {
+                Page::Data(d) => assert_eq!(&d[..], &region[off..off + P]),
+                Page::Zero => assert!(region[off..off + P].iter().all(|&b| b == 0)),
+                Page::Absent => panic!("absent page in a full image"),
+            }
         }
     }
+    assert!(read_memory_chunk(&mut f, &idx, 0x8_0000).unwrap().is_none());
+}
+
+#[test]
+fn restore_refuses_memory_that_does_not_fit() {
+    let (low, _, _) = sample();
+    let img = write_image(
+        &header(0, None),
+        &[(0x10_0000, &low)],
+        None,
+        None,
+        Compression::Zstd(1),
+        8,
+    );
+    let mut r = ImageReader::new(Cursor::new(&img)).unwrap();
+    r.skip_to_memory().unwrap();
+    let mut small = vec![0u8; low.len() / 2];
+    let mut regions = vec![(0x10_0000u64, &mut small[..])];
+    let e = r
+        .read_memory_into(&mut regions, ApplyOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside the memory given"), "{e}");
+}
+
+fn layout_strategy() -> impl Strategy<Value = Vec<(u64, Vec<u8>)>> {
+    // Up to three regions: gap pages before each, and page kinds.
+    proptest::collection::vec((0u64..64, proptest::collection::vec(0u8..3, 1..40)), 1..4).prop_map(
+        |rs| {
+            let mut addr = 0u64;
+            rs.into_iter()
+                .map(|(gap, kinds)| {
+                    addr += gap * P as u64;
+                    let a = addr;
+                    addr += (kinds.len() * P) as u64;
+                    (a, kinds)
+                })
+                .collect()
+        },
+    )
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_pages_round_trip(
-        kinds in proptest::collection::vec(0u8..3, 1..80),
+    fn random_layouts_round_trip_and_any_cut_fails(
+        layout in layout_strategy(),
         seed in any::<u64>(),
         chunk_pages in 1u32..20,
         level in 0i32..4,
+        threads in 1usize..4,
         cut in any::<prop::sample::Index>(),
     ) {
-        let mem = fill(&kinds, seed);
+        let mems: Vec<(u64, Vec<u8>)> = layout
+            .iter()
+            .enumerate()
+            .map(|(i, (a, k))| (*a, fill(k, seed ^ i as u64)))
+            .collect();
+        let regions: Vec<(u64, &[u8])> = mems.iter().map(|(a, m)| (*a, &m[..])).collect();
         let c = if level == 0 { Compression::None } else { Compression::Zstd(level) };
-        let img = write_image(&header(0, None), &[(0x20_0000, &mem)], None, Some(&mem[..mem.len() / 2]), c, chunk_pages);
-        let r = read_all(&img, None).unwrap();
-        prop_assert_eq!(&r.memory[&0x20_0000], &mem);
-        prop_assert_eq!(&r.disk[..], &mem[..mem.len() / 2]);
-        // Any cut before the end marker is an error.
-        let idx = read_index(&mut Cursor::new(&img)).unwrap();
-        let end = idx.sections.iter().find(|s| s.kind == Kind::END).unwrap().offset as usize + 20;
-        let at = cut.index(end);
-        prop_assert!(read_all(&img[..at], None).is_err());
+        let disk = &mems[0].1[..mems[0].1.len() / 2 + 1];
+        let img = write_image(&header(flags::HAS_DISK, None), &regions, None, Some(disk), c, chunk_pages);
+        let sizes: Vec<(u64, usize)> = mems.iter().map(|(a, m)| (*a, m.len())).collect();
+        let (got, d) = restore(&img, &sizes, threads).unwrap();
+        for (g, (_, m)) in got.iter().zip(&mems) {
+            prop_assert_eq!(g, m);
+        }
+        prop_assert_eq!(&d.unwrap()[..], disk);
+        // Every cut at a section boundary, and one anywhere, is an error.
+        let mut cuts = boundaries(&img);
+        cuts.push(cut.index(img.len()));
+        for at in cuts {
+            prop_assert!(read_all(&img[..at], None).is_err());
+            prop_assert!(restore(&img[..at], &sizes, threads).is_err());
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_is_an_error(
+        kinds in proptest::collection::vec(0u8..3, 1..30),
+        at in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+    ) {
+        let mem = fill(&kinds, 7);
+        let img = write_image(&header(0, None), &[(0, &mem)], None, None, Compression::Zstd(1), 4);
+        let mut bad = img.clone();
+        let i = at.index(img.len());
+        bad[i] ^= 1 << bit;
+        prop_assert!(read_all(&bad, None).is_err(), "flip at {} of {}", i, img.len());
     }
 
     #[test]
@@ -390,5 +613,6 @@ proptest! {
         img.extend_from_slice(&bytes);
         let _ = read_all(&img, None);
         let _ = inspect::inspect(Cursor::new(&img), true);
+        let _ = read_index(&mut Cursor::new(&img));
     }
 }
