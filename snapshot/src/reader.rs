@@ -772,11 +772,10 @@ impl Work<'_> {
         sink: &dyn PageSink,
         write_zeros: bool,
     ) -> Result<(), SnapshotError> {
-        let view = dec.decode(&self.chunk.payload, &self.chunk.label)?;
         if let Some(dest) = self.dest {
-            view.apply_to(dest, write_zeros);
-            return Ok(());
+            return dec.decode_into(&self.chunk.payload, &self.chunk.label, dest, write_zeros);
         }
+        let view = dec.decode(&self.chunk.payload, &self.chunk.label)?;
         let base = view.header.base;
         let io = |e: std::io::Error| SnapshotError::Sink {
             section: self.chunk.label.clone(),
