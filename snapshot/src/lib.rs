@@ -9,6 +9,14 @@
 //! and disks are stored per 4 KiB page in chunks: zero pages are recorded,
 //! not stored; the rest is compressed with zstd, on all cores, each chunk
 //! on its own. See FORMAT.md for the byte layout.
+//!
+//! Writing: [`ImageWriter::new`], then [`ImageWriter::write_state`] for the
+//! VM, each vCPU and each device, [`ImageWriter::write_memory`],
+//! [`ImageWriter::write_disk`], and [`ImageWriter::finish`]. Reading:
+//! [`ImageReader::new`], then [`ImageReader::next_section`] (or
+//! [`ImageReader::read_state`]) until [`Section::Memory`], then
+//! [`ImageReader::read_memory_into`], then [`ImageReader::read_disk_into`]
+//! for each [`Section::Disk`], until [`Section::End`].
 
 pub mod format;
 pub mod inspect;

@@ -616,3 +616,34 @@ proptest! {
         let _ = read_index(&mut Cursor::new(&img));
     }
 }
+
+/// Writes a few small valid images as fuzzing seeds into the directory
+/// named by SNAP_FUZZ_SEEDS (does nothing without it).
+#[test]
+fn write_fuzz_seeds() {
+    let Some(dir) = std::env::var_os("SNAP_FUZZ_SEEDS") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kinds: Vec<u8> = (0..12u32).map(|i| (i * 7 % 5) as u8).collect();
+    let mem = fill(&kinds, 5);
+    let base_h = header(flags::HAS_DISK, None);
+    for (i, c) in [Compression::None, Compression::Zstd(1)]
+        .into_iter()
+        .enumerate()
+    {
+        let img = write_image(&base_h, &[(0x1000, &mem)], None, Some(&mem[..5000]), c, 4);
+        std::fs::write(dir.join(format!("full-{i}")), img).unwrap();
+    }
+    let inc_h = header(flags::INCREMENTAL, Some(base_h.image_id));
+    let img = write_image(
+        &inc_h,
+        &[(0x1000, &mem)],
+        Some(&[vec![0b101]]),
+        None,
+        Compression::Zstd(1),
+        2,
+    );
+    std::fs::write(dir.join("incremental"), img).unwrap();
+}
