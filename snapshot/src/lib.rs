@@ -103,35 +103,28 @@ impl SnapshotError {
 }
 
 /// Decodes `chunks` on `threads` threads (0: one per core) and hands each
-/// decoded chunk to `apply`, which may run on any of them.
+/// decoded chunk to `apply`, which may run on any of them. Each thread
+/// reuses one zstd context. [`ImageReader::read_memory_into`] and
+/// [`ImageReader::read_memory_with`] do the same while streaming, without
+/// batches and without copying decoded pages.
 pub fn decode_parallel(
     chunks: &[RawChunk],
     threads: usize,
     apply: &(dyn Fn(&Chunk) -> Result<(), SnapshotError> + Sync),
 ) -> Result<(), SnapshotError> {
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
-    .min(chunks.len())
-    .max(1);
-    if threads == 1 {
-        for c in chunks {
-            apply(&c.decode()?)?;
+    let threads = writer::threads_or_cores(threads).min(chunks.len()).max(1);
+    let run = |t: usize| -> Result<(), SnapshotError> {
+        let mut dec = pages::Decoder::default();
+        for c in chunks.iter().skip(t).step_by(threads) {
+            apply(&dec.decode(c.payload(), c.label())?.to_owned_chunk())?;
         }
-        return Ok(());
+        Ok(())
+    };
+    if threads == 1 {
+        return run(0);
     }
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || -> Result<(), SnapshotError> {
-                    for c in chunks.iter().skip(t).step_by(threads) {
-                        apply(&c.decode()?)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
+        let handles: Vec<_> = (0..threads).map(|t| s.spawn(move || run(t))).collect();
         for h in handles {
             h.join()
                 .map_err(|_| SnapshotError::Usage("a decoding thread panicked"))??;
