@@ -581,8 +581,8 @@ impl<R: Read> ImageReader<R> {
     /// the counts and the section after the memory.
     ///
     /// Only pages with data are written, unless `opts.dest_is_zeroed` is
-    /// false: then zero pages are written too. Pages an incremental image
-    /// does not hold are left as they are.
+    /// false or the image is incremental: then zero pages are written too.
+    /// Pages an incremental image does not hold are left as they are.
     pub fn read_memory_into(
         &mut self,
         regions: &mut [(u64, &mut [u8])],
@@ -643,7 +643,9 @@ impl<R: Read> ImageReader<R> {
             }
         }
         let mut stats = ChunkStats::default();
-        let write_zeros = !opts.dest_is_zeroed;
+        // An increment's zero pages replace its parent's data: always
+        // written, whatever the caller says.
+        let write_zeros = !opts.dest_is_zeroed || self.header.is_incremental();
         let threads = threads_or_cores(opts.threads);
         let mut next = |me: &mut Self,
                         stats: &mut ChunkStats|

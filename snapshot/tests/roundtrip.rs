@@ -680,3 +680,51 @@ fn decode_parallel_sees_every_chunk() {
         assert_eq!(mem.into_inner().unwrap(), low);
     }
 }
+
+#[test]
+fn an_increment_zeroes_pages_even_with_default_options() {
+    let mem = fill(&[1, 1, 2, 1], 9);
+    let base_h = header(0, None);
+    let base = write_image(&base_h, &[(0, &mem)], None, None, Compression::Zstd(1), 4);
+    let mut now = mem.clone();
+    now[P..2 * P].fill(0);
+    let inc_h = header(flags::INCREMENTAL, Some(base_h.image_id));
+    let inc = write_image(
+        &inc_h,
+        &[(0, &now)],
+        Some(&[vec![0b10]]),
+        None,
+        Compression::Zstd(1),
+        4,
+    );
+    let mut dest = vec![0u8; mem.len()];
+    let mut top = ImageReader::new(Cursor::new(&inc)).unwrap();
+    top.skip_to_memory().unwrap();
+    let mut regions = vec![(0u64, &mut dest[..])];
+    apply_parents(
+        vec![Cursor::new(&base)],
+        top.header(),
+        &mut regions,
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(regions[0].1, &mem[..]);
+    top.read_memory_into(&mut regions, ApplyOptions::default())
+        .unwrap();
+    assert_eq!(dest, now);
+}
+
+#[test]
+fn reserved_kinds_cannot_be_written_by_hand() {
+    let mut w = ImageWriter::new(Vec::new(), &header(0, None)).unwrap();
+    for k in [
+        Kind::MEMORY,
+        Kind::DISK,
+        Kind::CHUNK,
+        Kind::END,
+        Kind::INDEX,
+    ] {
+        assert!(w.write_section(k, "", &[]).is_err());
+        assert!(w.write_state(k, "", &1u8).is_err());
+    }
+}
