@@ -356,13 +356,15 @@ fn check_host(header: &Header, states: &States, vm: &Vm) -> Result<(), Checkpoin
                 ("edx", e.edx, host.edx),
             ] {
                 // Leaf 1 EBX is topology, not features; some leaf-1 ECX/EDX
-                // bits are set by KVM per vCPU (OSXSAVE, APIC, hypervisor).
+                // bits are set per vCPU by KVM or by our template (OSXSAVE,
+                // APIC, HTT, hypervisor).
                 if e.function == 1 && reg == "ebx" {
                     continue;
                 }
                 let ignore = match (e.function, reg) {
                     (1, "ecx") => (1 << 27) | (1 << 31) | (1 << 21) | (1 << 24),
-                    (1, "edx") => 1 << 9,
+                    // APIC, and HTT, which the VMM sets for multi-vCPU topologies.
+                    (1, "edx") => (1 << 9) | (1 << 28),
                     (7, "ecx") => 1 << 4,
                     _ => 0,
                 };

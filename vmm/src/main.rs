@@ -165,7 +165,7 @@ impl<W: std::io::Write> std::io::Write for Tail<W> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(b)?;
         self.last.extend_from_slice(&b[..n]);
-        let keep = self.last.len().saturating_sub(16);
+        let keep = self.last.len().saturating_sub(snapshot::format::FOOTER_LEN);
         self.last.drain(..keep);
         self.bytes += n as u64;
         Ok(n)
@@ -209,7 +209,8 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
         }
         // A whole image ends with the index footer; a failed snapshot
         // closes the stream early.
-        if tail.last.len() < 16 || tail.last[8..16] != *b"VMMSIDX\0" {
+        let footer = <[u8; snapshot::format::FOOTER_LEN]>::try_from(tail.last.as_slice());
+        if !footer.is_ok_and(|f| snapshot::format::decode_footer(&f).is_some()) {
             anyhow::bail!(
                 "snapshot failed: the image stream ended after {} bytes without its end (see the VMM's log)",
                 tail.bytes
@@ -333,7 +334,14 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             // One line: the chain of causes, outermost first.
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            // Errors that print their source also return it: skip a cause
+            // the message before already ends with.
+            let mut msg: Vec<String> = Vec::new();
+            for c in e.chain().map(|c| c.to_string()) {
+                if !msg.last().is_some_and(|m| m.ends_with(&c)) {
+                    msg.push(c);
+                }
+            }
             eprintln!("vmm: error: {}", msg.join(": "));
             ExitCode::from(1)
         }
