@@ -1,1 +1,378 @@
-//! Integration tests: real guests under KVM.
+//! Helpers for the integration tests: they run the real `vmm` binary on real
+//! guests under KVM and assert on what the guest itself prints.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// The `vmm` binary under test: $VMM_BIN, or target/release/vmm (built by the
+/// test command before the tests run).
+pub fn vmm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VMM_BIN") {
+        return p.into();
+    }
+    let p = workspace().join("target/release/vmm");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release` first (tests/run-all.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// True when KVM can be used. Under CI a missing /dev/kvm fails the test
+/// instead of skipping it.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{test}: /dev/kvm is not usable, and CI=true: this is a failure, not a skip"
+        );
+        eprintln!("{test}: skipped: /dev/kvm is not usable on this machine");
+    }
+    ok
+}
+
+/// What a finished `vmm` run left behind.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    pub timed_out: bool,
+}
+
+impl Outcome {
+    /// Console output with carriage returns removed.
+    pub fn out(&self) -> String {
+        self.stdout.replace('\r', "")
+    }
+}
+
+/// Runs `vmm` with `args`, feeding `stdin`, killing it after `timeout`.
+pub fn run_vmm(args: &[&str], stdin: &[u8], timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut child = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start vmm");
+    let mut input = child.stdin.take().expect("piped stdin");
+    let data = stdin.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+        // Keep stdin open a while for interactive guests, then close it.
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for vmm") {
+            break s.code();
+        }
+        if start.elapsed() > timeout {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().ok().and_then(|s| s.code());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = feeder.join();
+    let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+    Outcome {
+        status,
+        stdout,
+        stderr,
+        elapsed: start.elapsed(),
+        timed_out,
+    }
+}
+
+/// The default guest's directory (same rules as the VMM and build-guest.sh).
+pub fn guest_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(d) = env("VMM_GUEST_DIR") {
+        return d;
+    }
+    env("VMM_CACHE_DIR")
+        .unwrap_or_else(|| {
+            env("XDG_CACHE_HOME")
+                .or_else(|| env("HOME").map(|h| h.join(".cache")))
+                .unwrap_or_else(|| PathBuf::from("/var/cache"))
+                .join("vmm")
+        })
+        .join("guest")
+}
+
+/// A scratch directory removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("vmm-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create scratch dir");
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies the default rootfs so a test can write to it without touching the original.
+pub fn rootfs_copy(dir: &Path) -> PathBuf {
+    let src = guest_dir().join("rootfs.ext4");
+    assert!(
+        src.exists(),
+        "{} is missing: run resources/build-guest.sh first",
+        src.display()
+    );
+    let dst = dir.join("rootfs.ext4");
+    // cp --sparse keeps the copy as small as the original.
+    let ok = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(&src)
+        .arg(&dst)
+        .status()
+        .expect("run cp")
+        .success();
+    assert!(ok, "copying the rootfs failed");
+    dst
+}
+
+/// Runs `vmm`, and once its console output contains `trigger` (and then
+/// `prompt` after it), types `input` into the console. For interactive guests,
+/// whose serial driver drops what arrives before the shell opens the console.
+pub fn run_vmm_typing(
+    args: &[&str],
+    trigger: &str,
+    prompt: &str,
+    input: &str,
+    timeout: Duration,
+) -> Outcome {
+    use std::sync::{Arc, Mutex};
+    let start = Instant::now();
+    let mut child = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start vmm");
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let seen_w = seen.clone();
+    let out_t = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen_w.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let mut err = child.stderr.take().expect("piped stderr");
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let mut stdin = child.stdin.take();
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for vmm") {
+            break s.code();
+        }
+        if start.elapsed() > timeout {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().ok().and_then(|s| s.code());
+        }
+        if stdin.is_some() {
+            let text = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+            if let Some(pos) = text.find(trigger) {
+                if text[pos..].contains(prompt) {
+                    let mut s = stdin.take().expect("checked");
+                    let _ = s.write_all(input.as_bytes());
+                    let _ = s.flush();
+                    // Dropping `s` closes stdin: the guest sees no more input.
+                    std::mem::forget(s);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = out_t.join();
+    let stdout = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+    Outcome {
+        status,
+        stdout,
+        stderr,
+        elapsed: start.elapsed(),
+        timed_out,
+    }
+}
+
+/// A `vmm` running in the background whose output is collected as it comes.
+pub struct Running {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    err: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    start: Instant,
+}
+
+fn collect(
+    mut r: impl Read + Send + 'static,
+    into: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
+impl Running {
+    /// Starts `vmm args` in `dir`, with its stdin a pipe ([`Running::send`]).
+    pub fn spawn(args: &[&str], dir: &Path) -> Running {
+        let mut child = Command::new(vmm_bin())
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start vmm");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let err = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let readers = vec![
+            collect(child.stdout.take().expect("piped"), out.clone()),
+            collect(child.stderr.take().expect("piped"), err.clone()),
+        ];
+        Running {
+            stdin: child.stdin.take(),
+            child,
+            out,
+            err,
+            readers,
+            start: Instant::now(),
+        }
+    }
+
+    /// Types `text` on the guest's console.
+    pub fn send(&mut self, text: &str) {
+        if let Some(s) = self.stdin.as_mut() {
+            let _ = s.write_all(text.as_bytes());
+            let _ = s.flush();
+        }
+    }
+
+    /// Console output so far, carriage returns removed.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).replace('\r', "")
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the output satisfies `pred`; false on timeout or exit.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if pred(&self.output()) {
+                return true;
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return pred(&self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Waits for the process to end (killing it after `timeout`).
+    pub fn finish(mut self, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout;
+        let mut timed_out = false;
+        let status = loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                break s.code();
+            }
+            if Instant::now() > deadline {
+                timed_out = true;
+                let _ = self.child.kill();
+                break self.child.wait().ok().and_then(|s| s.code());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        Outcome {
+            status,
+            stdout: String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned(),
+            stderr: String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned(),
+            elapsed: self.start.elapsed(),
+            timed_out,
+        }
+    }
+
+    /// Kills the process at once.
+    pub fn kill(mut self) -> Outcome {
+        let _ = self.child.kill();
+        self.finish(Duration::from_secs(10))
+    }
+}
+
+/// Runs `vmm args` to completion in `dir`.
+pub fn vmm_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(vmm_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("cannot run vmm")
+}

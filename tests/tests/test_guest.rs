@@ -1,0 +1,150 @@
+//! Fast checks of the VMM with the test guest (resources/test-guest), which
+//! runs almost entirely in user mode and so boots in well under a second even
+//! where guest kernel code is interpreted.
+
+use std::time::Duration;
+
+use vmm_tests::{kvm_available, run_vmm, workspace, Outcome};
+
+fn test_guest() -> String {
+    let p = workspace().join("target/test-guest.elf");
+    assert!(
+        p.exists(),
+        "{} is missing: cargo build builds it",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+fn boot(vcpus: u32, mem: u32, cmdline: &str) -> Outcome {
+    let k = test_guest();
+    let vcpus = vcpus.to_string();
+    let mem = mem.to_string();
+    run_vmm(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--vcpus",
+            &vcpus,
+            "--mem",
+            &mem,
+            "--cmdline",
+            cmdline,
+        ],
+        b"",
+        Duration::from_secs(120),
+    )
+}
+
+fn ticks(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn ready_line_timer_and_exit_status() {
+    if !kvm_available("ready_line_timer_and_exit_status") {
+        return;
+    }
+    let o = boot(1, 64, "ticks=20 exit-after=5 exit=42");
+    let out = o.out();
+    assert!(!o.timed_out, "{out}\n{}", o.stderr);
+    let first = out.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("test-guest: ready cpus=1 mem="),
+        "first line: {first:?}\n{out}"
+    );
+    let t = ticks(&out);
+    assert!(t.len() >= 5, "ticks: {t:?}\n{out}");
+    assert!(
+        t.windows(2).all(|w| w[1] == w[0] + 1),
+        "ticks count up by one: {t:?}"
+    );
+    assert_eq!(o.status, Some(42), "{out}\n{}", o.stderr);
+}
+
+#[test]
+fn memory_size_reaches_the_guest() {
+    if !kvm_available("memory_size_reaches_the_guest") {
+        return;
+    }
+    for mem in [64u32, 1024, 4096] {
+        let o = boot(1, mem, "exit=0");
+        let out = o.out();
+        assert!(
+            out.lines()
+                .next()
+                .unwrap_or("")
+                .contains(&format!("mem={mem}")),
+            "--mem {mem}: {out}\n{}",
+            o.stderr
+        );
+        assert_eq!(o.status, Some(0));
+    }
+}
+
+#[test]
+fn smp_brings_up_every_vcpu() {
+    if !kvm_available("smp_brings_up_every_vcpu") {
+        return;
+    }
+    for n in [2u32, 4, 8] {
+        let o = boot(n, 128, "ticks=20 smp exit-after=3 exit=0");
+        let out = o.out();
+        assert!(!o.timed_out, "{n} vCPUs: {out}\n{}", o.stderr);
+        assert!(
+            out.contains(&format!("ready cpus={n} ")),
+            "{n} vCPUs: {out}"
+        );
+        assert!(
+            out.contains(&format!("smp {n} cpus online")),
+            "{n} vCPUs: {out}"
+        );
+        for k in 0..n {
+            assert!(
+                out.contains(&format!("cpu {k} regs ok")),
+                "cpu {k} of {n}: {out}"
+            );
+        }
+        assert!(!out.contains("BAD"), "{out}");
+        assert_eq!(o.status, Some(0), "{out}\n{}", o.stderr);
+    }
+}
+
+#[test]
+fn registers_survive_interrupts() {
+    if !kvm_available("registers_survive_interrupts") {
+        return;
+    }
+    let o = boot(1, 64, "ticks=20 regs exit-after=5 exit=0");
+    let out = o.out();
+    assert!(out.matches("regs ok").count() >= 3, "{out}\n{}", o.stderr);
+    assert!(!out.contains("regs BAD"), "{out}");
+    assert_eq!(o.status, Some(0));
+}
+
+#[test]
+fn dirtied_memory_checksum_is_stable() {
+    if !kvm_available("dirtied_memory_checksum_is_stable") {
+        return;
+    }
+    let o = boot(
+        1,
+        256,
+        "ticks=20 dirty=64,pattern=mix,rewrite=0 sum exit-after=4 exit=0",
+    );
+    let out = o.out();
+    let sums: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("sum "))
+        .collect();
+    assert!(sums.len() >= 2, "{out}\n{}", o.stderr);
+    assert!(
+        sums.windows(2).all(|w| w[0] == w[1]),
+        "checksum changed: {sums:?}"
+    );
+    assert_eq!(o.status, Some(0));
+}
