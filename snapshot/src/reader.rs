@@ -7,9 +7,9 @@ use std::sync::{mpsc, Mutex};
 use serde::de::DeserializeOwned;
 
 use crate::format::{
-    decode_footer, ChunkHeader, DiskInfo, Header, Index, Kind, MemoryLayout, SectionHeader, Space,
-    CHUNK_HEADER_LEN, END_HAS_INDEX, FILE_HEADER_LEN, FOOTER_LEN, FORMAT_VERSION, MAGIC,
-    MAX_CHUNK_PAGES, MAX_STATE_LEN, PAGE_SIZE, SECTION_HEADER_LEN,
+    crc_matches, decode_footer, ChunkHeader, DiskInfo, Header, Index, Kind, MemoryLayout,
+    SectionHeader, Space, CHUNK_HEADER_LEN, END_HAS_INDEX, FILE_HEADER_LEN, FOOTER_LEN,
+    FORMAT_VERSION, MAGIC, MAX_CHUNK_PAGES, MAX_STATE_LEN, PAGE_SIZE, SECTION_HEADER_LEN,
 };
 use crate::pages::{decode_chunk, Chunk, ChunkStats, Decoder};
 use crate::writer::threads_or_cores;
@@ -196,7 +196,10 @@ fn read_header<R: Read + ?Sized>(r: &mut R) -> Result<(Header, u64), SnapshotErr
     }
     let body = read_payload(r, u64::from(len) + 4, "header")?;
     let (body, crc) = body.split_at(len as usize);
-    if crc32c::crc32c(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+    if !crc_matches(
+        crc32c::crc32c(body),
+        u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]),
+    ) {
         return Err(SnapshotError::Checksum {
             section: "header".into(),
         });
@@ -402,7 +405,7 @@ impl<R: Read> ImageReader<R> {
             }
         }
         let crc = crc32c::crc32c_append(crc32c::crc32c(name.as_bytes()), &payload);
-        if crc != h.crc {
+        if !crc_matches(crc, h.crc) {
             return Err(SnapshotError::Checksum { section: label });
         }
         self.pos += h.payload_len;
@@ -556,7 +559,7 @@ impl<R: Read> ImageReader<R> {
             });
         }
         let payload = read_payload(&mut self.r, h.payload_len, "index")?;
-        if crc32c::crc32c(&payload) != h.crc {
+        if !crc_matches(crc32c::crc32c(&payload), h.crc) {
             return Err(SnapshotError::Checksum {
                 section: "index".into(),
             });
@@ -939,7 +942,7 @@ pub fn read_index<R: Read + Seek>(r: &mut R) -> Result<Index, SnapshotError> {
         });
     }
     let payload = read_payload(r, h.payload_len, "index")?;
-    if crc32c::crc32c(&payload) != h.crc {
+    if !crc_matches(crc32c::crc32c(&payload), h.crc) {
         return Err(SnapshotError::Checksum {
             section: "index".into(),
         });
@@ -964,7 +967,7 @@ pub fn read_chunk_at<R: Read + Seek>(r: &mut R, offset: u64) -> Result<Chunk, Sn
         });
     }
     let payload = read_payload(r, h.payload_len, &label)?;
-    if crc32c::crc32c(&payload) != h.crc {
+    if !crc_matches(crc32c::crc32c(&payload), h.crc) {
         return Err(SnapshotError::Checksum { section: label });
     }
     decode_chunk(&payload, &label)
