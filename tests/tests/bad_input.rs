@@ -231,3 +231,113 @@ fn bad_images_and_failed_snapshots() {
     assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
     assert!(std::fs::read(&img).unwrap() == good);
 }
+
+/// Unmounts a test mount even when the test fails.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full destination fails the snapshot with the reason, leaves the earlier
+/// image there untouched and the VM running; an image taken with --no-disk
+/// refuses a disk that changed since.
+#[test]
+fn full_destination_and_changed_disk() {
+    if !kvm_available("full_destination_and_changed_disk") {
+        return;
+    }
+    let s = Scratch::new("disk-full");
+    let full = s.0.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "none"])
+        .arg(&full)
+        .status()
+        .expect("run mount");
+    assert!(
+        mounted.success(),
+        "cannot mount a small tmpfs (tests run as root)"
+    );
+    let _mount = Mount(full.clone());
+    let prev = full.join("prev.img");
+    std::fs::write(&prev, b"an earlier image").unwrap();
+
+    let disk = s.0.join("disk.img");
+    let mut bytes = vec![0u8; 4 << 20];
+    for (i, b) in bytes.iter_mut().enumerate().step_by(4096) {
+        *b = (i >> 12) as u8 | 1;
+    }
+    std::fs::write(&disk, &bytes).unwrap();
+    let sock = s.0.join("api.sock");
+    let sock = sock.to_str().unwrap();
+    let kernel = vmm_tests::guest_dir().join("vmlinux");
+    let mut vm = vmm_tests::Running::spawn(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem",
+            "64",
+            "--rootfs",
+            disk.to_str().unwrap(),
+            "--api-sock",
+            sock,
+        ],
+        &s.0,
+    );
+    assert!(
+        vm.wait_for(Duration::from_secs(30), |_| std::path::Path::new(sock)
+            .exists())
+    );
+    assert_one_line_error(
+        &[
+            "snapshot",
+            "--api-sock",
+            sock,
+            "--out",
+            prev.to_str().unwrap(),
+        ],
+        "No space left",
+    );
+    assert_eq!(std::fs::read(&prev).unwrap(), b"an earlier image");
+    assert_eq!(
+        std::fs::read_dir(&full).unwrap().count(),
+        1,
+        "temporary file left"
+    );
+
+    let img = s.0.join("nodisk.img");
+    let o = vmm_tests::vmm_in(
+        &s.0,
+        &[
+            "snapshot",
+            "--api-sock",
+            sock,
+            "--out",
+            img.to_str().unwrap(),
+            "--no-disk",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "the VM survived: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    vm.kill();
+    let report = vmm_tests::vmm_in(&s.0, &["inspect", "--json", img.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(
+        report["disks"].as_array().map(|d| d.len()),
+        Some(0),
+        "{report}"
+    );
+    bytes[12345] ^= 0xff;
+    std::fs::write(&disk, &bytes).unwrap();
+    assert_one_line_error(
+        &["restore", "--from", img.to_str().unwrap()],
+        "no longer matches",
+    );
+}
