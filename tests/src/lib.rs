@@ -66,55 +66,12 @@ impl Outcome {
 
 /// Runs `vmm` with `args`, feeding `stdin`, killing it after `timeout`.
 pub fn run_vmm(args: &[&str], stdin: &[u8], timeout: Duration) -> Outcome {
-    let start = Instant::now();
-    let mut child = Command::new(vmm_bin())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start vmm");
-    let mut input = child.stdin.take().expect("piped stdin");
-    let data = stdin.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-        // Keep stdin open a while for interactive guests, then close it.
-        std::thread::sleep(Duration::from_millis(200));
-    });
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for vmm") {
-            break s.code();
-        }
-        if start.elapsed() > timeout {
-            timed_out = true;
-            let _ = child.kill();
-            break child.wait().ok().and_then(|s| s.code());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = feeder.join();
-    let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
-    Outcome {
-        status,
-        stdout,
-        stderr,
-        elapsed: start.elapsed(),
-        timed_out,
-    }
+    let mut r = Running::spawn(args, Path::new("."));
+    r.send(&String::from_utf8_lossy(stdin));
+    // Keep stdin open a moment for interactive guests, then close it.
+    std::thread::sleep(Duration::from_millis(200));
+    r.close_stdin();
+    r.finish(timeout)
 }
 
 /// The default guest's directory (same rules as the VMM and build-guest.sh).
@@ -176,80 +133,6 @@ pub fn rootfs_copy(dir: &Path) -> PathBuf {
     dst
 }
 
-/// Runs `vmm`, and once its console output contains `trigger` (and then
-/// `prompt` after it), types `input` into the console. For interactive guests,
-/// whose serial driver drops what arrives before the shell opens the console.
-pub fn run_vmm_typing(
-    args: &[&str],
-    trigger: &str,
-    prompt: &str,
-    input: &str,
-    timeout: Duration,
-) -> Outcome {
-    use std::sync::{Arc, Mutex};
-    let start = Instant::now();
-    let mut child = Command::new(vmm_bin())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start vmm");
-    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let mut out = child.stdout.take().expect("piped stdout");
-    let seen_w = seen.clone();
-    let out_t = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen_w.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-    let mut err = child.stderr.take().expect("piped stderr");
-    let err_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let mut stdin = child.stdin.take();
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for vmm") {
-            break s.code();
-        }
-        if start.elapsed() > timeout {
-            timed_out = true;
-            let _ = child.kill();
-            break child.wait().ok().and_then(|s| s.code());
-        }
-        if stdin.is_some() {
-            let text = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
-            if let Some(pos) = text.find(trigger) {
-                if text[pos..].contains(prompt) {
-                    let mut s = stdin.take().expect("checked");
-                    let _ = s.write_all(input.as_bytes());
-                    let _ = s.flush();
-                    // Dropping `s` closes stdin: the guest sees no more input.
-                    std::mem::forget(s);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = out_t.join();
-    let stdout = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
-    Outcome {
-        status,
-        stdout,
-        stderr,
-        elapsed: start.elapsed(),
-        timed_out,
-    }
-}
-
 /// A `vmm` running in the background whose output is collected as it comes.
 pub struct Running {
     child: std::process::Child,
@@ -308,6 +191,11 @@ impl Running {
             let _ = s.write_all(text.as_bytes());
             let _ = s.flush();
         }
+    }
+
+    /// Closes the guest's console input.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
     }
 
     /// Console output so far, carriage returns removed.

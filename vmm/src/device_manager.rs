@@ -86,6 +86,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The event fds of the serial port and the i8042: their interrupt lines,
+/// and the i8042's reset line (one end for the device, one for the bus).
+struct LegacyFds {
+    serial_irq: EventFd,
+    kbd_irq: EventFd,
+    i8042_reset: EventFd,
+    reset_clone: EventFd,
+}
+
+impl LegacyFds {
+    fn new(vm: &Vm) -> Result<Self, DeviceError> {
+        let serial_irq = eventfd()?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+        let kbd_irq = eventfd()?;
+        vm.register_irqfd(&kbd_irq, I8042_IRQ)?;
+        let i8042_reset = eventfd()?;
+        let reset_clone = i8042_reset.try_clone().map_err(DeviceError::EventFd)?;
+        Ok(LegacyFds {
+            serial_irq,
+            kbd_irq,
+            i8042_reset,
+            reset_clone,
+        })
+    }
+}
+
 fn eventfd() -> Result<EventFd, DeviceError> {
     EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)
 }
@@ -97,12 +123,12 @@ impl DeviceManager {
         console: Box<dyn std::io::Write + Send>,
         timeline: Arc<Timeline>,
     ) -> Result<Self, DeviceError> {
-        let serial_irq = eventfd()?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-        let kbd_irq = eventfd()?;
-        vm.register_irqfd(&kbd_irq, I8042_IRQ)?;
-        let i8042_reset = eventfd()?;
-        let reset_clone = i8042_reset.try_clone().map_err(DeviceError::EventFd)?;
+        let LegacyFds {
+            serial_irq,
+            kbd_irq,
+            i8042_reset,
+            reset_clone,
+        } = LegacyFds::new(vm)?;
         Ok(DeviceManager {
             serial: Mutex::new(Serial::new(serial_irq, console)),
             i8042: Mutex::new(I8042::new(kbd_irq, reset_clone)),
@@ -202,12 +228,12 @@ impl DeviceManager {
         timeline: Arc<Timeline>,
         disks: Vec<(std::path::PathBuf, std::fs::File)>,
     ) -> Result<Self, DeviceError> {
-        let serial_irq = eventfd()?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-        let kbd_irq = eventfd()?;
-        vm.register_irqfd(&kbd_irq, I8042_IRQ)?;
-        let i8042_reset = eventfd()?;
-        let reset_clone = i8042_reset.try_clone().map_err(DeviceError::EventFd)?;
+        let LegacyFds {
+            serial_irq,
+            kbd_irq,
+            i8042_reset,
+            reset_clone,
+        } = LegacyFds::new(vm)?;
         let serial = Serial::restore((serial_irq, console), &state.serial)
             .map_err(|e| DeviceError::RestoreSerial(e.to_string()))?;
         let i8042 = I8042::restore((kbd_irq, reset_clone), &state.i8042)
