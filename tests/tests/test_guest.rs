@@ -71,7 +71,7 @@ fn memory_size_reaches_the_guest() {
     if !kvm_available("memory_size_reaches_the_guest") {
         return;
     }
-    for mem in [64u32, 1024, 4096] {
+    for mem in [64u32, 1024, 4096, 16384] {
         let o = boot(1, mem, "exit=0");
         let out = o.out();
         assert!(
