@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use snapshot::{
-    decode_state, flags, id_hex, Compression, EncodeOptions, FileSource, Header, ImageReader,
-    ImageWriter, Kind, Page, RawChunk, Section,
+    decode_state, flags, id_hex, ApplyOptions, Compression, EncodeOptions, FileSource, Header,
+    ImageReader, ImageWriter, Kind, Section,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -450,56 +450,28 @@ fn read_states<R: Read>(r: &mut ImageReader<R>) -> Result<(States, Section), Che
     ))
 }
 
-/// Writes a batch of memory chunks into guest memory, decoding in parallel.
-/// Zero pages are skipped: fresh guest memory is zero, and not touching it
-/// saves a page fault each.
-fn apply_memory(vm: &Vm, batch: &[RawChunk]) -> Result<(), CheckpointError> {
-    let mem = vm.memory();
-    snapshot::decode_parallel(batch, 0, &|chunk| {
-        for (addr, page) in chunk.pages() {
-            if let Page::Data(d) = page {
-                mem.write_slice(d, GuestAddress(addr)).map_err(|e| {
-                    snapshot::SnapshotError::Corrupt {
-                        section: "memory".into(),
-                        reason: format!("page {addr:#x} is outside guest memory: {e}"),
-                    }
-                })?;
-            }
-        }
-        Ok(())
-    })?;
-    Ok(())
-}
+/// Guest memory as the image reader's destination. Only pages with data
+/// are written: fresh guest memory is already zero, and not touching it
+/// saves a page fault per zero page.
+struct GuestSink<'a>(&'a vm_memory::GuestMemoryMmap);
 
-fn apply_disk(
-    file: &File,
-    path: &Path,
-    batch: &[RawChunk],
-    size: u64,
-) -> Result<(), CheckpointError> {
-    use std::os::unix::fs::FileExt;
-    let err = std::sync::Mutex::new(None);
-    snapshot::decode_parallel(batch, 0, &|chunk| {
-        for (addr, page) in chunk.pages() {
-            if let Page::Data(d) = page {
-                let n = (size.saturating_sub(addr)).min(d.len() as u64) as usize;
-                if let Err(e) = file.write_all_at(&d[..n], addr) {
-                    *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                    return Err(snapshot::SnapshotError::Usage("disk write failed"));
-                }
-            }
+impl snapshot::PageSink for GuestSink<'_> {
+    fn write_pages(&self, addr: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|e| std::io::Error::other(format!("guest page {addr:#x}: {e}")))
+    }
+
+    fn write_zeros(&self, addr: u64, len: u64) -> std::io::Result<()> {
+        let zeros = [0u8; snapshot::PAGE_SIZE];
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(zeros.len() as u64) as usize;
+            self.write_pages(addr + off, &zeros[..n])?;
+            off += n as u64;
         }
         Ok(())
-    })
-    .map_err(
-        |e| match err.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            Some(source) => CheckpointError::WriteDisk {
-                path: path.display().to_string(),
-                source,
-            },
-            None => e.into(),
-        },
-    )
+    }
 }
 
 /// Reads an image and builds the VM it describes, ready to run.
@@ -510,7 +482,7 @@ pub fn restore(
 ) -> Result<Machine, CheckpointError> {
     let mut reader = ImageReader::new(BufReader::with_capacity(1 << 20, from))?;
     let header = reader.header().clone();
-    let (states, mut section) = read_states(&mut reader)?;
+    let (states, section) = read_states(&mut reader)?;
     let vm = Vm::new(states.config.mem_mib).map_err(|e| CheckpointError::Rebuild(e.to_string()))?;
     check_host(&header, &states, &vm)?;
 
@@ -528,44 +500,27 @@ pub fn restore(
             layout.regions
         )));
     }
-    // Memory chunks, decoded in batches on all cores, then each disk.
-    let mut disks: Vec<(PathBuf, File)> = Vec::new();
-    let mut current_disk: Option<(PathBuf, File, u64)> = None;
-    let mut batch: Vec<RawChunk> = Vec::new();
-    let flush = |batch: &mut Vec<RawChunk>,
-                 disk: &Option<(PathBuf, File, u64)>|
-     -> Result<(), CheckpointError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        match disk {
-            None => apply_memory(&vm, batch)?,
-            Some((path, file, size)) => apply_disk(file, path, batch, *size)?,
-        }
-        batch.clear();
-        Ok(())
+    // Memory, decoded on all cores straight into guest memory, then each
+    // disk into a sparse file.
+    let fresh = ApplyOptions {
+        threads: 0,
+        dest_is_zeroed: true,
     };
+    let (_, mut next) = reader.read_memory_with(&GuestSink(vm.memory()), fresh)?;
+    let mut disks: Vec<(PathBuf, File)> = Vec::new();
     let mut refs: Vec<DiskRef> = Vec::new();
     loop {
-        section = reader.next_section()?;
-        match section {
-            Section::Chunk(c) => {
-                batch.push(c);
-                if batch.len() >= 32 {
-                    flush(&mut batch, &current_disk)?;
-                }
-            }
+        match next {
             Section::Disk(info) => {
-                flush(&mut batch, &current_disk)?;
-                if let Some((p, f, _)) = current_disk.take() {
-                    disks.push((p, f));
-                }
                 std::fs::create_dir_all(disk_dir).map_err(|source| CheckpointError::Create {
                     path: disk_dir.display().to_string(),
                     source,
                 })?;
-                let path = disk_dir.join(format!("{}-{}.img", id_hex(&header.image_id), info.name));
-                let path = unique(path);
+                let path = unique(disk_dir.join(format!(
+                    "{}-{}.img",
+                    id_hex(&header.image_id),
+                    info.name
+                )));
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -575,33 +530,27 @@ pub fn restore(
                         path: path.display().to_string(),
                         source,
                     })?;
-                // Sparse: only non-zero pages are written.
-                file.set_len(info.size)
-                    .map_err(|source| CheckpointError::WriteDisk {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
                 log::info!("restore: disk {} → {}", info.name, path.display());
-                current_disk = Some((path, file, info.size));
+                let (_, after) = reader.read_disk_into(&file, fresh)?;
+                disks.push((path, file));
+                next = after;
+                continue;
             }
             Section::State {
                 kind: Kind::DEVICE,
-                name,
-                payload,
-            } if name.starts_with("disk") => {
-                refs.push(decode_state(&name, &payload)?);
-            }
+                ref name,
+                ref payload,
+            } if name.starts_with("disk") => refs.push(decode_state(name, payload)?),
             Section::End => break,
-            Section::Memory(_) => {
-                return Err(CheckpointError::Layout("a second memory section".into()))
+            Section::Memory(_) | Section::Chunk(_) => {
+                return Err(CheckpointError::Layout(
+                    "memory data after the memory section".into(),
+                ))
             }
-            Section::State { name, .. } => log::warn!("restore: ignoring section {name}"),
+            Section::State { ref name, .. } => log::warn!("restore: ignoring section {name}"),
             Section::Skipped { .. } => {}
         }
-    }
-    flush(&mut batch, &current_disk)?;
-    if let Some((p, f, _)) = current_disk.take() {
-        disks.push((p, f));
+        next = reader.next_section()?;
     }
     for r in refs {
         let file = OpenOptions::new()
