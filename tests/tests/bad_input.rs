@@ -230,6 +230,32 @@ fn bad_images_and_failed_snapshots() {
     );
     assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
     assert!(std::fs::read(&img).unwrap() == good);
+
+    // An image from a host of the other CPU vendor: the header rewritten
+    // (same length, so everything after it stays valid).
+    let header = snapshot::ImageReader::new(&good[..])
+        .unwrap()
+        .header()
+        .clone();
+    let other = if header.cpu_vendor == "GenuineIntel" {
+        "AuthenticAMD"
+    } else {
+        "GenuineIntel"
+    };
+    let mut h = header.clone();
+    h.cpu_vendor = other.into();
+    let fresh = snapshot::ImageWriter::new(Vec::new(), &h)
+        .unwrap()
+        .finish()
+        .unwrap()
+        .0;
+    let hlen = 16 + u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize + 4;
+    let mut foreign = fresh[..hlen].to_vec();
+    foreign.extend_from_slice(&good[hlen..]);
+    assert_one_line_error(
+        &["restore", "--from", &write("foreign.img", &foreign)],
+        &format!("image is for CPU vendor '{other}'"),
+    );
 }
 
 /// Unmounts a test mount even when the test fails.
