@@ -336,70 +336,71 @@ fn check_host(header: &Header, states: &States, vm: &Vm) -> Result<(), Checkpoin
         .kvm()
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| CheckpointError::Rebuild(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
-    let find = |leaf: u32| {
-        supported
-            .as_slice()
-            .iter()
-            .find(|e| e.function == leaf && e.index == 0)
-            .copied()
-    };
     if let Some(v) = states.vcpus.first() {
-        for e in v.cpuid.iter().filter(|e| {
-            (e.function == 1 || e.function == 7 || e.function == 0x8000_0001) && e.index == 0
-        }) {
-            let Some(host) = find(e.function) else {
-                continue;
-            };
-            for (reg, want, have) in [
-                ("ebx", e.ebx, host.ebx),
-                ("ecx", e.ecx, host.ecx),
-                ("edx", e.edx, host.edx),
-            ] {
-                // Leaf 1 EBX is topology, not features; some leaf-1 ECX/EDX
-                // bits are set per vCPU by KVM or by our template (OSXSAVE,
-                // APIC, HTT, hypervisor).
-                if e.function == 1 && reg == "ebx" {
-                    continue;
-                }
-                let ignore = match (e.function, reg) {
-                    (1, "ecx") => (1 << 27) | (1 << 31) | (1 << 21) | (1 << 24),
-                    // APIC, and HTT, which the VMM sets for multi-vCPU topologies.
-                    (1, "edx") => (1 << 9) | (1 << 28),
-                    (7, "ecx") => 1 << 4,
-                    _ => 0,
-                };
-                let missing = want & !have & !ignore;
-                log::debug!(
-                    "CPUID {:#x}.{reg}: image {want:#x}, host {have:#x}",
-                    e.function
-                );
-                if missing != 0 {
-                    return Err(CheckpointError::MissingCpuFeature {
-                        leaf: e.function,
-                        reg,
-                        bit: missing.trailing_zeros(),
-                    });
-                }
-            }
+        if let Some((leaf, reg, bit)) = missing_cpuid_feature(&v.cpuid, supported.as_slice()) {
+            return Err(CheckpointError::MissingCpuFeature { leaf, reg, bit });
         }
     }
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib = |k: &str| -> u64 {
+    if let Some(have_mib) = available_mib(&meminfo) {
+        if have_mib < states.config.mem_mib {
+            return Err(CheckpointError::TooLittleMemory {
+                need_mib: states.config.mem_mib,
+                have_mib,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The first feature (leaf, register, bit) the image's guest was given that
+/// `host` (KVM's supported CPUID) lacks, among the feature leaves 1, 7 and
+/// 0x8000_0001.
+fn missing_cpuid_feature(
+    image: &[kvm_bindings::kvm_cpuid_entry2],
+    host: &[kvm_bindings::kvm_cpuid_entry2],
+) -> Option<(u32, &'static str, u32)> {
+    let find = |leaf: u32| host.iter().find(|e| e.function == leaf && e.index == 0);
+    for e in image.iter().filter(|e| {
+        (e.function == 1 || e.function == 7 || e.function == 0x8000_0001) && e.index == 0
+    }) {
+        let Some(have) = find(e.function) else {
+            continue;
+        };
+        for (reg, want, have) in [
+            ("ebx", e.ebx, have.ebx),
+            ("ecx", e.ecx, have.ecx),
+            ("edx", e.edx, have.edx),
+        ] {
+            // Not features: leaf 1 EBX is topology; some leaf-1 ECX/EDX bits
+            // are set per vCPU by KVM or by our template (OSXSAVE, x2APIC,
+            // TSC deadline, hypervisor, APIC, HTT), and OSPKE by the guest.
+            let ignore = match (e.function, reg) {
+                (1, "ebx") => u32::MAX,
+                (1, "ecx") => (1 << 27) | (1 << 31) | (1 << 21) | (1 << 24),
+                (1, "edx") => (1 << 9) | (1 << 28),
+                (7, "ecx") => 1 << 4,
+                _ => 0,
+            };
+            let missing = want & !have & !ignore;
+            if missing != 0 {
+                return Some((e.function, reg, missing.trailing_zeros()));
+            }
+        }
+    }
+    None
+}
+
+/// MemAvailable + SwapFree from /proc/meminfo, in MiB; None if unreadable.
+fn available_mib(meminfo: &str) -> Option<u64> {
+    let kib = |k: &str| -> Option<u64> {
         meminfo
             .lines()
             .find(|l| l.starts_with(k))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
     };
-    let have_mib = (kib("MemAvailable:") + kib("SwapFree:")) / 1024;
-    if have_mib > 0 && have_mib < states.config.mem_mib {
-        return Err(CheckpointError::TooLittleMemory {
-            need_mib: states.config.mem_mib,
-            have_mib,
-        });
-    }
-    Ok(())
+    Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) / 1024)
 }
 
 fn read_states<R: Read>(r: &mut ImageReader<R>) -> Result<(States, Section), CheckpointError> {
@@ -619,4 +620,50 @@ fn unique(path: PathBuf) -> PathBuf {
         }
     }
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn leaf(function: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_feature_the_host_lacks_is_named() {
+        let host = [leaf(1, 0, 0x8000_0001, 0x0780_0000), leaf(7, 0x9, 0, 0)];
+        let same = [
+            leaf(1, 0x0102_0800, 0x8000_0001, 0x0780_0000),
+            leaf(7, 0x1, 0, 0),
+        ];
+        assert_eq!(missing_cpuid_feature(&same, &host), None);
+        // AVX2 (7.ebx bit 5) was given to the guest, this host lacks it.
+        let avx2 = [leaf(7, 0x21, 0, 0)];
+        assert_eq!(missing_cpuid_feature(&avx2, &host), Some((7, "ebx", 5)));
+        // Bits our template or KVM set per vCPU are not features.
+        let template = [leaf(
+            1,
+            0xffff_ffff,
+            0x8000_0001 | (1 << 27),
+            (1 << 28) | (1 << 9),
+        )];
+        assert_eq!(missing_cpuid_feature(&template, &host), None);
+        // A leaf the host does not list is not compared.
+        assert_eq!(missing_cpuid_feature(&[leaf(0xd, 7, 7, 7)], &host), None);
+    }
+
+    #[test]
+    fn available_memory_counts_swap() {
+        let m = "MemTotal: 100 kB\nMemAvailable:    2097152 kB\nSwapFree: 1048576 kB\n";
+        assert_eq!(available_mib(m), Some(3072));
+        assert_eq!(available_mib("MemTotal: 1 kB\n"), None);
+    }
 }
