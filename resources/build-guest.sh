@@ -2,6 +2,7 @@
 # Builds the default guest that `vmm run` boots when given no --kernel/--rootfs:
 #
 #   $guest/vmlinux       the kernel (build-kernel.sh)
+#   $guest/bzImage       the same kernel as a bzImage
 #   $guest/System.map    its symbols, to look up a stuck guest's RIP
 #   $guest/release       its release string (what `uname -r` prints in the guest)
 #   $guest/rootfs.ext4   Debian bookworm minbase + criu, busybox + the guest agent
@@ -53,7 +54,7 @@ vmlinux=$("$here/build-kernel.sh")
 [ -f "$vmlinux" ] || die "build-kernel.sh printed '$vmlinux', which is not a file"
 kdir=$(dirname "$vmlinux")
 place "$vmlinux" "$guest/vmlinux"
-for f in System.map release; do
+for f in System.map release bzImage; do
     if [ -f "$kdir/$f" ]; then place "$kdir/$f" "$guest/$f"; fi
 done
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the default guest's kernel: Debian's linux-source-6.1, our patches,
-# tinyconfig + kernel/guest.config. Prints the path of the resulting ELF vmlinux.
+# tinyconfig + kernel/guest.config. Prints the path of the resulting ELF vmlinux;
+# a bzImage of the same kernel is left next to it (`vmm run --kernel` takes both).
 #
 # The build is cached outside the checkout, keyed by a hash of the source
 # tarball's name and size, the config fragment, the patches and this script, so a
@@ -78,11 +79,11 @@ done <"$here/kernel/guest.config"
 
 log "compiling with $jobs jobs (about 12 minutes on 2 cores)"
 start=$(date +%s)
-make -s -C "$src" ARCH=x86_64 -j"$jobs" vmlinux >&2
+make -s -C "$src" ARCH=x86_64 -j"$jobs" vmlinux bzImage >&2
 log "compiled in $(($(date +%s) - start)) s"
 
 mkdir -p "$out.tmp"
-cp "$src/vmlinux" "$src/System.map" "$src/.config" "$out.tmp/"
+cp "$src/vmlinux" "$src/System.map" "$src/.config" "$src/arch/x86/boot/bzImage" "$out.tmp/"
 make -s -C "$src" ARCH=x86_64 kernelrelease >"$out.tmp/release"
 rm -rf "$out"
 mv "$out.tmp" "$out"

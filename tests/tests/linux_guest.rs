@@ -233,3 +233,50 @@ fn linux_runs_a_container_command_on_2_vcpus() {
     assert_eq!(o.status, Some(7), "{out}\n{}", o.stderr);
     eprintln!("linux_runs_a_container_command_on_2_vcpus: {:?}", o.elapsed);
 }
+
+/// The same kernel as a bzImage: the VMM loads the setup header and enters
+/// the decompressor, which unpacks the kernel (interpreted here: LZ4, about
+/// 20 s), and the guest runs its command.
+#[test]
+fn linux_boots_from_a_bzimage() {
+    if !kvm_available("linux_boots_from_a_bzimage") {
+        return;
+    }
+    let s = Scratch::new("linux-bzimage");
+    let rootfs = rootfs_copy(&s.0);
+    let bz = vmm_tests::guest_dir().join("bzImage");
+    assert!(
+        bz.exists(),
+        "{} is missing: run resources/build-guest.sh",
+        bz.display()
+    );
+    let o = run_vmm(
+        &[
+            "run",
+            "--kernel",
+            bz.to_str().unwrap(),
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "uname -r; exit 4",
+        ],
+        b"",
+        BOOT_TIMEOUT,
+    );
+    let out = o.out();
+    assert!(
+        !o.timed_out,
+        "timed out after {:?}\n{out}\n{}",
+        o.elapsed, o.stderr
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("6.1.") && l.trim_end().ends_with("-vmm")),
+        "{out}\n{}",
+        o.stderr
+    );
+    assert_eq!(o.status, Some(4), "{out}\n{}", o.stderr);
+    eprintln!("linux_boots_from_a_bzimage: {:?}", o.elapsed);
+}
