@@ -31,8 +31,6 @@ use crate::timeline::Timeline;
 pub enum CheckpointError {
     #[error(transparent)]
     Image(#[from] snapshot::SnapshotError),
-    #[error("cannot pause the VM: {0}")]
-    Pause(String),
     #[error("cannot read the VM's state: {0}")]
     Save(String),
     #[error("cannot create {path}: {source}")]
@@ -215,22 +213,13 @@ pub fn snapshot(
     let paused_ms = t0.elapsed().as_secs_f64() * 1000.0;
 
     let (vendor, signature) = host_cpu();
-    let disks = live.devices.disk_paths();
-    let header = Header {
-        arch: "x86_64".into(),
-        cpu_vendor: vendor,
-        cpu_signature: signature,
-        image_id: snapshot::new_image_id(),
-        parent_id: None,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        flags: if req.no_disk || disks.is_empty() {
-            0
-        } else {
-            flags::HAS_DISK
-        },
+    let disks = devices.disk_paths();
+    let flags = if req.no_disk || disks.is_empty() {
+        0
+    } else {
+        flags::HAS_DISK
     };
+    let header = Header::new("x86_64", &vendor, signature, flags);
     let write = |out: &mut dyn Write| -> Result<snapshot::WriteSummary, CheckpointError> {
         let mut w = ImageWriter::new(out, &header)?;
         w.write_state(Kind::VM, "machine", live.config)?;
@@ -490,11 +479,8 @@ pub fn restore(
     let Section::Memory(layout) = section else {
         return Err(CheckpointError::NoMemory);
     };
-    let want: Vec<(u64, u64)> = vm
-        .memory_slices()
-        .iter()
-        .map(|(a, s)| (*a, s.len() as u64))
-        .collect();
+    // The layout Vm::new just built for this size.
+    let want = crate::arch::layout::ram_regions(states.config.mem_mib << 20);
     if layout.regions != want {
         return Err(CheckpointError::Layout(format!(
             "regions {:x?}, expected {want:x?}",

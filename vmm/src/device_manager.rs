@@ -56,6 +56,18 @@ pub struct DevicesState {
     pub status: i32,
 }
 
+impl DevicesState {
+    /// The disk images behind the virtio-blk devices, in slot order.
+    pub fn disk_paths(&self) -> Vec<std::path::PathBuf> {
+        self.virtio
+            .iter()
+            .map(|slot| match &slot.transport.device {
+                DeviceState::Block(b) => b.path.clone(),
+            })
+            .collect()
+    }
+}
+
 #[derive(Clone, Serialize, Deserialize)]
 pub struct VirtioSlotState {
     pub base: u64,
@@ -207,16 +219,6 @@ impl DeviceManager {
                 .collect(),
             status: self.status.load(Ordering::Acquire),
         }
-    }
-
-    /// The disk images behind the virtio-blk devices, in slot order.
-    pub fn disk_paths(&self) -> Vec<std::path::PathBuf> {
-        self.virtio
-            .iter()
-            .map(|slot| match &lock(&slot.transport).save().device {
-                DeviceState::Block(b) => b.path.clone(),
-            })
-            .collect()
     }
 
     /// Rebuilds the devices from a saved state. `disks` gives, in slot
