@@ -74,24 +74,10 @@ pub fn run_vmm(args: &[&str], stdin: &[u8], timeout: Duration) -> Outcome {
     r.finish(timeout)
 }
 
-/// The default guest's directory (same rules as the VMM and build-guest.sh).
+/// The default guest's directory: the VMM's own lookup, so the tests use
+/// the guest `vmm run` boots.
 pub fn guest_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(d) = env("VMM_GUEST_DIR") {
-        return d;
-    }
-    env("VMM_CACHE_DIR")
-        .unwrap_or_else(|| {
-            env("XDG_CACHE_HOME")
-                .or_else(|| env("HOME").map(|h| h.join(".cache")))
-                .unwrap_or_else(|| PathBuf::from("/var/cache"))
-                .join("vmm")
-        })
-        .join("guest")
+    vmm::guest::default_guest_dir()
 }
 
 /// A scratch directory removed when dropped.

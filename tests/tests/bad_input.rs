@@ -114,6 +114,24 @@ fn run_vmm_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     )
 }
 
+/// The default kernel with 64 MiB and an API socket (plus `extra` flags),
+/// once the socket is up: a real VM to snapshot, cheaply, since an image of
+/// a kernel a moment after it starts is as good as any for these checks.
+fn kernel_with_api(dir: &std::path::Path, sock: &str, extra: &[&str]) -> vmm_tests::Running {
+    let kernel = vmm_tests::guest_dir().join("vmlinux");
+    let mut args = vec!["run", "--kernel", kernel.to_str().unwrap(), "--mem", "64"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--api-sock", sock]);
+    let mut vm = vmm_tests::Running::spawn(&args, dir);
+    assert!(
+        vm.wait_for(Duration::from_secs(30), |_| std::path::Path::new(sock)
+            .exists()),
+        "{}",
+        vm.stderr()
+    );
+    vm
+}
+
 /// A VMM that is gone, an unwritable destination, and damaged images: each a
 /// one-line error; the running VM survives a failed snapshot.
 #[test]
@@ -128,24 +146,7 @@ fn bad_images_and_failed_snapshots() {
         &["snapshot", "--api-sock", sock, "--out", "/tmp/never.img"],
         "no VMM answers",
     );
-    // A real image, cheaply: the default kernel a moment after it starts.
-    let kernel = vmm_tests::guest_dir().join("vmlinux");
-    let mut vm = vmm_tests::Running::spawn(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--mem",
-            "64",
-            "--api-sock",
-            sock,
-        ],
-        &s.0,
-    );
-    assert!(
-        vm.wait_for(Duration::from_secs(30), |_| std::path::Path::new(sock)
-            .exists())
-    );
+    let vm = kernel_with_api(&s.0, sock, &[]);
     assert_one_line_error(
         &[
             "snapshot",
@@ -299,25 +300,7 @@ fn full_destination_and_changed_disk() {
     std::fs::write(&disk, &bytes).unwrap();
     let sock = s.0.join("api.sock");
     let sock = sock.to_str().unwrap();
-    let kernel = vmm_tests::guest_dir().join("vmlinux");
-    let mut vm = vmm_tests::Running::spawn(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--mem",
-            "64",
-            "--rootfs",
-            disk.to_str().unwrap(),
-            "--api-sock",
-            sock,
-        ],
-        &s.0,
-    );
-    assert!(
-        vm.wait_for(Duration::from_secs(30), |_| std::path::Path::new(sock)
-            .exists())
-    );
+    let vm = kernel_with_api(&s.0, sock, &["--rootfs", disk.to_str().unwrap()]);
     assert_one_line_error(
         &[
             "snapshot",
