@@ -240,15 +240,17 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// An image to read: a file, or stdin for `-`.
+fn open_image(path: &str) -> anyhow::Result<Box<dyn std::io::Read>> {
+    if path == "-" {
+        return Ok(Box::new(std::io::stdin()));
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open image {path}"))?;
+    Ok(Box::new(file))
+}
+
 fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
-    let from: Box<dyn std::io::Read> = if args.from == "-" {
-        Box::new(std::io::stdin())
-    } else {
-        Box::new(
-            std::fs::File::open(&args.from)
-                .with_context(|| format!("cannot open image {}", args.from))?,
-        )
-    };
+    let from = open_image(args.from.as_str())?;
     let timeline = std::sync::Arc::new(vmm::timeline::Timeline::new(start));
     let machine = vmm::checkpoint::restore(from, &args.disk_dir, timeline)
         .with_context(|| format!("cannot restore from {}", args.from))?;
@@ -262,14 +264,7 @@ fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
 }
 
 fn inspect_cmd(args: InspectArgs) -> anyhow::Result<i32> {
-    let input: Box<dyn std::io::Read> = if args.image == "-" {
-        Box::new(std::io::stdin())
-    } else {
-        Box::new(
-            std::fs::File::open(&args.image)
-                .with_context(|| format!("cannot open image {}", args.image))?,
-        )
-    };
+    let input = open_image(args.image.as_str())?;
     let report = snapshot::inspect::inspect(std::io::BufReader::new(input), args.verify)
         .with_context(|| format!("{} is not a good image", args.image))?;
     let text = if args.json {
