@@ -1,10 +1,7 @@
-//! The on-disk layout: constants, the fixed-size records, and their
-//! encoding. Everything is little-endian. FORMAT.md draws the picture; the
-//! serde payloads are in [`crate::state`].
-
-pub use crate::state::{
-    flags, Compression, DiskInfo, Header, Index, IndexEntry, MemoryLayout, Space,
-};
+//! The on-disk layout: constants, the identifiers of sections and address
+//! spaces, the fixed-size records, and their encoding. Everything is
+//! little-endian. FORMAT.md draws the picture; the serde payloads are in
+//! [`crate::state`], which builds on this module (never the other way).
 
 /// First bytes of every image.
 pub const MAGIC: [u8; 8] = *b"VMMSNAP\0";
@@ -23,6 +20,14 @@ pub const PAGE_SIZE: usize = 4096;
 pub const DEFAULT_CHUNK_PAGES: u32 = 256;
 /// Largest chunk a reader accepts (16 MiB of guest memory).
 pub const MAX_CHUNK_PAGES: u32 = 4096;
+/// Largest chunk record payload a reader accepts: header, two bitmaps, and
+/// zstd's worst case for the largest chunk's data.
+pub fn max_chunk_payload() -> u64 {
+    let data = MAX_CHUNK_PAGES as usize * PAGE_SIZE;
+    (CHUNK_HEADER_LEN
+        + 2 * (MAX_CHUNK_PAGES as usize).div_ceil(8)
+        + zstd::zstd_safe::compress_bound(data)) as u64
+}
 /// Largest header, state, layout or index payload a reader accepts.
 pub const MAX_STATE_LEN: u64 = 64 << 20;
 /// Largest section name.
@@ -57,9 +62,11 @@ impl Kind {
     pub const VCPU: Kind = Kind(2);
     /// One device's state; the name says which device.
     pub const DEVICE: Kind = Kind(3);
-    /// Start of guest memory: its [`MemoryLayout`]; chunks follow.
+    /// Start of guest memory: its [`MemoryLayout`](crate::state::MemoryLayout);
+    /// chunks follow.
     pub const MEMORY: Kind = Kind(4);
-    /// Start of a disk's contents: its [`DiskInfo`]; chunks follow.
+    /// Start of a disk's contents: its [`DiskInfo`](crate::state::DiskInfo);
+    /// chunks follow.
     pub const DISK: Kind = Kind(5);
     /// A chunk of pages of memory or of a disk.
     pub const CHUNK: Kind = Kind(6);
@@ -87,6 +94,14 @@ impl Kind {
     pub fn is_known(self) -> bool {
         (1..=8).contains(&self.0)
     }
+}
+
+/// Which address space a chunk's pages belong to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Space {
+    Memory,
+    /// The disk of the last DISK section.
+    Disk,
 }
 
 /// The END payload's one byte: bit 0 says an index and footer follow, so a
@@ -267,17 +282,6 @@ pub fn id_hex(id: &[u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn compression_parses() {
-        assert_eq!(Compression::parse("none").unwrap(), Compression::None);
-        assert_eq!(Compression::parse("zstd").unwrap(), Compression::Zstd(1));
-        assert_eq!(Compression::parse("zstd:3").unwrap(), Compression::Zstd(3));
-        for bad in ["zstd:0", "zstd:99", "gzip", "zstd:", "zstd:x", ""] {
-            assert!(Compression::parse(bad).is_err(), "{bad}");
-        }
-        assert_eq!(Compression::Zstd(3).to_string(), "zstd:3");
-    }
 
     #[test]
     fn section_header_round_trips_and_catches_corruption() {

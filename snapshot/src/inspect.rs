@@ -5,9 +5,10 @@ use std::io::Read;
 
 use serde::Serialize;
 
-use crate::format::{id_hex, Kind, PAGE_SIZE};
+use crate::error::SnapshotError;
+use crate::format::{id_hex, Kind, FORMAT_VERSION, PAGE_SIZE};
+use crate::pages::Decoder;
 use crate::reader::{ImageReader, Section};
-use crate::SnapshotError;
 
 /// What [`inspect`] found; `Serialize` for `--json`, `Display` for people.
 #[derive(Debug, Serialize)]
@@ -86,7 +87,7 @@ pub fn inspect<R: Read>(r: R, verify: bool) -> Result<Report, SnapshotError> {
     let mut reader = ImageReader::new(r)?;
     let h = reader.header().clone();
     let mut report = Report {
-        format_version: crate::FORMAT_VERSION,
+        format_version: FORMAT_VERSION,
         arch: h.arch.clone(),
         cpu_vendor: h.cpu_vendor.clone(),
         cpu_signature: h.cpu_signature,
@@ -120,7 +121,7 @@ pub fn inspect<R: Read>(r: R, verify: bool) -> Result<Report, SnapshotError> {
             }
         }
     };
-    let mut decoder = crate::pages::Decoder::default();
+    let mut decoder = Decoder::default();
     loop {
         let before = reader.position();
         let section = reader.next_section()?;

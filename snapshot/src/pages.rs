@@ -1,10 +1,9 @@
 //! Chunk encoding and decoding: zero-page elision, present-page lists for
 //! incremental images, compression. Shared by memory and disks.
 
-use crate::format::{
-    ChunkHeader, Compression, Space, CHUNK_HEADER_LEN, MAX_CHUNK_PAGES, PAGE_SIZE,
-};
-use crate::SnapshotError;
+use crate::error::SnapshotError;
+use crate::format::{ChunkHeader, Space, CHUNK_HEADER_LEN, MAX_CHUNK_PAGES, PAGE_SIZE};
+use crate::state::Compression;
 
 /// True if the page holds only zeros. ORs 64-byte blocks so the compiler
 /// vectorises each block, and the scan still stops at the first non-zero

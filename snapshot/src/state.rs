@@ -4,17 +4,24 @@
 //! Everything here is serialized with postcard, whose encoding follows the
 //! field order and types exactly: adding, removing, reordering or retyping a
 //! field, or a variant, changes the bytes. Any such change must bump
-//! [`crate::FORMAT_VERSION`]; the `golden_encodings` test pins the bytes so
-//! that a change shows up in review as a failing test, not as images that
-//! silently stop reading. The VM, vCPU and device state structs live next to
+//! [`crate::format::FORMAT_VERSION`]; the `golden_encodings` test pins the
+//! bytes so that a change shows up in review as a failing test, not as
+//! images that silently stop reading. The VM, vCPU and device state structs live next to
 //! their owners (vmm, devices) and follow the same rule.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::SnapshotError;
+use crate::error::SnapshotError;
+pub use crate::format::Space;
+use crate::format::{new_image_id, Kind, MAX_CHUNK_PAGES, PAGE_SIZE};
 
 /// How chunk data is compressed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// As text (`FromStr`, `Display`, and serde in human-readable formats such
+/// as JSON, for the VMM's command line and API) it is `none`, `zstd` or
+/// `zstd:LEVEL`. In an image (postcard, not human-readable) it stays the
+/// enum it always was: variant index, then the level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
     /// Stored as is (zero pages are still elided).
     None,
@@ -69,6 +76,41 @@ impl std::fmt::Display for Compression {
     }
 }
 
+/// What [`Compression`] is in an image: the derived enum encoding, which
+/// the `golden_encodings` test pins.
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "Compression")]
+enum CompressionRepr {
+    None,
+    Zstd(i32),
+}
+
+impl Serialize for Compression {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            return s.collect_str(self);
+        }
+        match *self {
+            Compression::None => CompressionRepr::None,
+            Compression::Zstd(l) => CompressionRepr::Zstd(l),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Compression {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            return Compression::parse(&s).map_err(serde::de::Error::custom);
+        }
+        Ok(match CompressionRepr::deserialize(d)? {
+            CompressionRepr::None => Compression::None,
+            CompressionRepr::Zstd(l) => Compression::Zstd(l),
+        })
+    }
+}
+
 /// Image flags ([`Header::flags`]).
 pub mod flags {
     /// Memory holds only the pages listed, on top of the parent image.
@@ -87,7 +129,7 @@ pub struct Header {
     pub cpu_vendor: String,
     /// CPU family, model, stepping of that host.
     pub cpu_signature: (u32, u32, u32),
-    /// Unique id of this image ([`crate::new_image_id`]); increments name
+    /// Unique id of this image ([`crate::format::new_image_id`]); increments name
     /// their parent by it.
     pub image_id: [u8; 16],
     /// Parent image of an incremental image.
@@ -105,7 +147,7 @@ impl Header {
             arch: arch.to_string(),
             cpu_vendor: cpu_vendor.to_string(),
             cpu_signature,
-            image_id: crate::new_image_id(),
+            image_id: new_image_id(),
             parent_id: None,
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -137,7 +179,7 @@ impl MemoryLayout {
         check_chunk_pages(self.chunk_pages)?;
         let mut spans: Vec<(u64, u64)> = Vec::with_capacity(self.regions.len());
         for &(addr, len) in &self.regions {
-            let page = crate::PAGE_SIZE as u64;
+            let page = PAGE_SIZE as u64;
             if !addr.is_multiple_of(page) || !len.is_multiple_of(page) {
                 return Err(format!("region {addr:#x}+{len:#x} is not page aligned"));
             }
@@ -179,7 +221,7 @@ impl DiskInfo {
     /// Checks what a reader relies on; `Err` carries the reason.
     pub fn validate(&self) -> Result<(), String> {
         check_chunk_pages(self.chunk_pages)?;
-        if self.size.checked_add(crate::PAGE_SIZE as u64).is_none() {
+        if self.size.checked_add(PAGE_SIZE as u64).is_none() {
             return Err(format!("disk size {} is too large", self.size));
         }
         Ok(())
@@ -187,21 +229,12 @@ impl DiskInfo {
 }
 
 fn check_chunk_pages(n: u32) -> Result<(), String> {
-    if n == 0 || n > crate::format::MAX_CHUNK_PAGES {
+    if n == 0 || n > MAX_CHUNK_PAGES {
         return Err(format!(
-            "chunk size {n} pages is outside 1..={}",
-            crate::format::MAX_CHUNK_PAGES
+            "chunk size {n} pages is outside 1..={MAX_CHUNK_PAGES}"
         ));
     }
     Ok(())
-}
-
-/// Which address space a chunk's pages belong to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Space {
-    Memory,
-    /// The disk of the last DISK section.
-    Disk,
 }
 
 /// The index written after END: where every section starts, for readers
@@ -214,7 +247,7 @@ pub struct Index {
 /// One section in the [`Index`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexEntry {
-    pub kind: crate::Kind,
+    pub kind: Kind,
     /// The section's name; for a chunk, what it belongs to: "memory" or the
     /// disk's name.
     pub name: String,
@@ -242,7 +275,7 @@ impl Index {
                 s == space
                     && e.name == name
                     && addr >= base
-                    && (addr - base) / (crate::PAGE_SIZE as u64) < u64::from(pages)
+                    && (addr - base) / (PAGE_SIZE as u64) < u64::from(pages)
             }
             None => false,
         })
@@ -279,7 +312,7 @@ mod tests {
         };
         let i = Index {
             sections: vec![IndexEntry {
-                kind: crate::Kind::CHUNK,
+                kind: Kind::CHUNK,
                 name: "memory".into(),
                 offset: 100,
                 len: 50,
@@ -301,5 +334,56 @@ mod tests {
         ];
         // Printing all four at once makes an intended update one edit.
         assert_eq!(got, want, "format bytes changed: bump FORMAT_VERSION");
+    }
+
+    #[test]
+    fn compression_parses() {
+        assert_eq!(Compression::parse("none").unwrap(), Compression::None);
+        assert_eq!(Compression::parse("zstd").unwrap(), Compression::Zstd(1));
+        assert_eq!(Compression::parse("zstd:3").unwrap(), Compression::Zstd(3));
+        for bad in ["zstd:0", "zstd:99", "gzip", "zstd:", "zstd:x", ""] {
+            assert!(Compression::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Compression::Zstd(3).to_string(), "zstd:3");
+    }
+
+    #[test]
+    fn compression_round_trips_as_text() {
+        let all = std::iter::once(Compression::None).chain((1..=19).map(Compression::Zstd));
+        for c in all {
+            let text = c.to_string();
+            assert_eq!(text.parse::<Compression>().unwrap(), c, "{text}");
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(json, format!("\"{text}\""));
+            assert_eq!(serde_json::from_str::<Compression>(&json).unwrap(), c);
+            // In an image it stays the enum.
+            let bin = postcard::to_allocvec(&c).unwrap();
+            assert_eq!(postcard::from_bytes::<Compression>(&bin).unwrap(), c);
+        }
+        assert_eq!("zstd".parse::<Compression>().unwrap(), Compression::Zstd(1));
+        assert_eq!(
+            serde_json::from_str::<Compression>("\"zstd\"").unwrap(),
+            Compression::Zstd(1)
+        );
+    }
+
+    #[test]
+    fn bogus_compression_is_refused_by_name() {
+        for bad in ["gzip", "zstd:20", "Zstd", "none "] {
+            let e = bad.parse::<Compression>().unwrap_err();
+            assert!(
+                matches!(&e, SnapshotError::BadCompression(s) if s == bad),
+                "{e}"
+            );
+            let json = serde_json::to_string(bad).unwrap();
+            let e = serde_json::from_str::<Compression>(&json).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("unknown compression '{bad}'")),
+                "{e}"
+            );
+        }
+        assert!(serde_json::from_str::<Compression>("3").is_err());
+        assert!(serde_json::from_str::<Compression>("{\"Zstd\":3}").is_err());
     }
 }

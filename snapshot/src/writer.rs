@@ -1,18 +1,19 @@
 //! Writes an image to any `Write`, never seeking.
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::{mpsc, Condvar, Mutex};
 
 use serde::Serialize;
 
+use crate::error::SnapshotError;
 use crate::format::{
-    encode_footer, section_flags, Compression, DiskInfo, Header, Index, IndexEntry, Kind,
-    MemoryLayout, SectionHeader, Space, END_HAS_INDEX, FORMAT_VERSION, MAGIC, MAX_CHUNK_PAGES,
-    MAX_NAME_LEN, MAX_STATE_LEN, PAGE_SIZE,
+    encode_footer, section_flags, Kind, SectionHeader, Space, DEFAULT_CHUNK_PAGES, END_HAS_INDEX,
+    FORMAT_VERSION, MAGIC, MAX_CHUNK_PAGES, MAX_NAME_LEN, MAX_STATE_LEN, PAGE_SIZE,
+    SECTION_HEADER_LEN,
 };
 use crate::pages::{ChunkStats, EncodedChunk, Encoder};
-use crate::SnapshotError;
+use crate::state::{Compression, DiskInfo, Header, Index, IndexEntry, MemoryLayout};
+use crate::state_codec::encode_state;
+use crate::workers::{self, threads_or_cores};
 
 /// Pages of one region or disk, read by worker threads.
 pub trait PageSource: Sync {
@@ -77,16 +78,9 @@ impl Default for EncodeOptions {
     fn default() -> Self {
         EncodeOptions {
             compression: Compression::Zstd(1),
-            chunk_pages: crate::format::DEFAULT_CHUNK_PAGES,
+            chunk_pages: DEFAULT_CHUNK_PAGES,
             threads: 0,
         }
-    }
-}
-
-pub(crate) fn threads_or_cores(n: usize) -> usize {
-    match n {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
     }
 }
 
@@ -140,7 +134,7 @@ pub struct ImageWriter<W: Write> {
 impl<W: Write> ImageWriter<W> {
     /// Writes the magic, the version and `header`.
     pub fn new(out: W, header: &Header) -> Result<Self, SnapshotError> {
-        let body = postcard::to_allocvec(header).map_err(SnapshotError::serialize("header"))?;
+        let body = encode_state("header", header)?;
         let mut w = ImageWriter {
             out: Counting { inner: out, pos: 0 },
             index: Index::default(),
@@ -229,7 +223,7 @@ impl<W: Write> ImageWriter<W> {
                 kind,
                 name: name.to_string(),
                 offset: self.out.pos,
-                len: (crate::format::SECTION_HEADER_LEN + h.name_len as usize) as u64 + len,
+                len: (SECTION_HEADER_LEN + h.name_len as usize) as u64 + len,
                 chunk,
             });
         }
@@ -250,7 +244,7 @@ impl<W: Write> ImageWriter<W> {
         value: &T,
     ) -> Result<(), SnapshotError> {
         check_user_kind(kind)?;
-        let payload = postcard::to_allocvec(value).map_err(SnapshotError::serialize(name))?;
+        let payload = encode_state(name, value)?;
         self.write_record(kind, 0, name, &[&payload], None)
     }
 
@@ -294,7 +288,7 @@ impl<W: Write> ImageWriter<W> {
                 }
             }
         }
-        let payload = postcard::to_allocvec(&layout).map_err(SnapshotError::serialize("memory"))?;
+        let payload = encode_state("memory", &layout)?;
         self.write_record(Kind::MEMORY, 0, "memory", &[&payload], None)?;
         let mut total = ChunkStats::default();
         for (ri, (addr, data)) in regions.iter().enumerate() {
@@ -328,22 +322,16 @@ impl<W: Write> ImageWriter<W> {
         if info.validate().is_err() {
             return Err(SnapshotError::Usage("chunks hold 1 to 4096 pages"));
         }
-        let payload = postcard::to_allocvec(&info).map_err(SnapshotError::serialize(name))?;
+        let payload = encode_state(name, &info)?;
         self.write_record(Kind::DISK, 0, name, &[&payload], None)?;
         let stats = self.write_chunks(Space::Disk, name, 0, source, None, opts)?;
         self.summary.disk += stats;
         Ok(stats)
     }
 
-    /// Encodes `source` in chunks on worker threads and writes them in
-    /// order from this thread.
-    ///
-    /// Why hand-rolled scoped threads and not rayon: the output must stay
-    /// in order while at most a few chunks are in flight (bounded memory
-    /// for a 64 GiB guest), the writing must overlap the compressing, and
-    /// the workers borrow guest memory for the call only. A claim counter
-    /// with a window, a channel and a small reorder buffer do exactly that
-    /// in some sixty lines, without a global pool or a dependency.
+    /// Encodes `source` in chunks on [`workers`] and writes them in order
+    /// from this thread, at most a few chunks per worker in flight (bounded
+    /// memory for a 64 GiB guest), the writing overlapping the compressing.
     fn write_chunks(
         &mut self,
         space: Space,
@@ -375,87 +363,33 @@ impl<W: Write> ImageWriter<W> {
         };
         let threads = threads_or_cores(opts.threads).min(nchunks).max(1);
         let mut stats = ChunkStats::default();
-        let mut emit = |me: &mut Self, chunk: Option<EncodedChunk>| -> Result<(), SnapshotError> {
-            if let Some(c) = chunk {
-                let cref = (c.header.space, c.header.base, c.header.pages);
-                me.write_record(Kind::CHUNK, 0, "", &[&c.head, &c.body], Some((owner, cref)))?;
-                stats += c.stats;
-            }
-            Ok(())
-        };
-        if threads == 1 {
-            let mut enc = Encoder::new(opts.compression)?;
-            let mut buf = Vec::new();
-            for i in 0..nchunks {
-                let c = job.encode(i, &mut enc, &mut buf)?;
-                emit(self, c)?;
-            }
-            return Ok(stats);
-        }
-        // Chunks claimed but not yet written: enough to keep every worker
-        // busy while this thread writes, and a bound on memory.
-        let window = threads * 4;
-        let claim = Mutex::new(Claim {
-            next: 0,
-            written: 0,
-            abort: false,
-        });
-        let wake = Condvar::new();
-        let (tx, rx) = mpsc::channel::<(usize, Result<Option<EncodedChunk>, SnapshotError>)>();
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                let tx = tx.clone();
-                let (claim, wake, job) = (&claim, &wake, &job);
-                s.spawn(move || {
-                    let mut enc = match Encoder::new(opts.compression) {
-                        Ok(e) => e,
-                        Err(e) => {
-                            let _ = tx.send((usize::MAX, Err(e)));
-                            return;
-                        }
-                    };
-                    let mut buf = Vec::new();
-                    while let Some(i) = Claim::take(claim, wake, nchunks, window) {
-                        let r = job.encode(i, &mut enc, &mut buf);
-                        if tx.send((i, r)).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            drop(tx);
-            let mut pending = BTreeMap::new();
-            let mut result = Ok(());
-            let mut next = 0;
-            while next < nchunks {
-                let Ok((i, r)) = rx.recv() else {
-                    result = Err(SnapshotError::Usage("a compression thread stopped"));
-                    break;
-                };
-                if i == usize::MAX {
-                    // A worker could not start (no zstd context).
-                    result = r.map(|_| ());
-                    break;
+        let mut next = 0;
+        // Chunks handed out but not yet written: enough to keep every
+        // worker busy while this thread writes, and a bound on memory.
+        workers::map_in_order(
+            threads,
+            4 * threads,
+            || Ok((Encoder::new(opts.compression)?, Vec::new())),
+            || {
+                next += 1;
+                Ok((next <= nchunks).then_some(next - 1))
+            },
+            |(enc, buf), i| job.encode(i, enc, buf),
+            |chunk: Option<EncodedChunk>| {
+                if let Some(c) = chunk {
+                    let cref = (c.header.space, c.header.base, c.header.pages);
+                    self.write_record(
+                        Kind::CHUNK,
+                        0,
+                        "",
+                        &[&c.head, &c.body],
+                        Some((owner, cref)),
+                    )?;
+                    stats += c.stats;
                 }
-                pending.insert(i, r);
-                while let Some(r) = pending.remove(&next) {
-                    if let Err(e) = r.and_then(|c| emit(self, c)) {
-                        result = Err(e);
-                        break;
-                    }
-                    next += 1;
-                }
-                if result.is_err() {
-                    break;
-                }
-                lock(&claim).written = next;
-                wake.notify_all();
-            }
-            lock(&claim).abort = true;
-            wake.notify_all();
-            drop(rx);
-            result
-        })?;
+                Ok(())
+            },
+        )?;
         Ok(stats)
     }
 
@@ -468,11 +402,11 @@ impl<W: Write> ImageWriter<W> {
             kind: Kind::END,
             name: String::new(),
             offset: self.out.pos,
-            len: crate::format::SECTION_HEADER_LEN as u64 + 1,
+            len: SECTION_HEADER_LEN as u64 + 1,
             chunk: None,
         });
         let payload = if self.write_index {
-            let p = postcard::to_allocvec(&index).map_err(SnapshotError::serialize("index"))?;
+            let p = encode_state("index", &index)?;
             if p.len() as u64 > MAX_STATE_LEN {
                 // Millions of chunks: a reader would refuse this index, and
                 // the image is complete without it.
@@ -510,35 +444,6 @@ fn check_user_kind(kind: Kind) -> Result<(), SnapshotError> {
             ))
         }
         _ => Ok(()),
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Which chunks the workers may take.
-struct Claim {
-    next: usize,
-    written: usize,
-    abort: bool,
-}
-
-impl Claim {
-    /// The next chunk to encode, waiting while the window is full; `None`
-    /// when all are taken or the writer gave up.
-    fn take(m: &Mutex<Claim>, wake: &Condvar, n: usize, window: usize) -> Option<usize> {
-        let mut c = lock(m);
-        loop {
-            if c.abort || c.next >= n {
-                return None;
-            }
-            if c.next < c.written + window {
-                c.next += 1;
-                return Some(c.next - 1);
-            }
-            c = wake.wait(c).unwrap_or_else(|p| p.into_inner());
-        }
     }
 }
 

@@ -368,9 +368,9 @@ fn other_versions_and_garbage_are_refused() {
         Compression::None,
         8,
     );
-    let mut v2 = img.clone();
-    v2[8] = 3;
-    let e = read_all(&v2, None).unwrap_err().to_string();
+    let mut v3 = img.clone();
+    v3[8] = 3;
+    let e = read_all(&v3, None).unwrap_err().to_string();
     assert_eq!(
         e,
         "image format version 3 is not supported (this build reads version 1)"
