@@ -1,11 +1,8 @@
 //! What the VMM tells the agent through the kernel command line.
 //!
-//! The VMM appends ` -- vmm.cmd=<base64url(argv joined by NUL)>` to the
-//! kernel command line. Linux hands every word after `--` to init as an
-//! argument, so the agent finds the command in its own argv. Words with a dot
-//! before `--` would be taken for module parameters and dropped, hence the
-//! `--`. Other words may reach init too (the kernel passes on unknown ones);
-//! they are ignored.
+//! The VMM appends ` -- vmm.cmd=...` to the kernel command line (the
+//! encoding is [`guest_abi::cmdline`]'s). Other words may reach init too
+//! (the kernel passes on unknown ones); they are ignored.
 //!
 //! Recognised words (the last occurrence of each wins, so the VMM's own
 //! appended words override anything a user put in `--cmdline`):
@@ -16,12 +13,8 @@
 
 use std::fmt;
 
-use crate::base64;
-
-/// Argument prefix carrying the container command.
-pub const CMD_PREFIX: &[u8] = b"vmm.cmd=";
-/// Argument prefix listing namespaces to unshare for the command.
-pub const UNSHARE_PREFIX: &[u8] = b"vmm.unshare=";
+pub use guest_abi::cmdline::{decode_command, CommandError};
+use guest_abi::cmdline::{CMD_PREFIX, UNSHARE_PREFIX};
 
 /// Namespaces the container command is put in, beyond the guest's own.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +35,8 @@ pub struct BootArgs {
 /// Why the agent's arguments cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CmdlineError {
-    /// `vmm.cmd=` is not base64url.
-    BadEncoding(base64::DecodeError),
-    /// `vmm.cmd=` decodes to nothing or to an empty program name.
-    EmptyCommand,
+    /// `vmm.cmd=` is not base64url, or holds an empty command.
+    Command(CommandError),
     /// `vmm.unshare=` names something other than uts, ipc or mnt.
     UnknownNamespace(String),
 }
@@ -53,12 +44,7 @@ pub enum CmdlineError {
 impl fmt::Display for CmdlineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::BadEncoding(e) => write!(f, "bad vmm.cmd= on the kernel command line: {e}"),
-            Self::EmptyCommand => write!(
-                f,
-                "vmm.cmd= on the kernel command line holds an empty command \
-                 (leave vmm.cmd= out for an interactive shell)"
-            ),
+            Self::Command(e) => write!(f, "{e}"),
             Self::UnknownNamespace(n) => write!(
                 f,
                 "vmm.unshare= names {n:?}; known namespaces are uts, ipc and mnt"
@@ -79,35 +65,21 @@ where
     let mut unshare: Option<Vec<u8>> = None;
     for arg in args {
         let arg = arg.as_ref();
-        if let Some(v) = arg.strip_prefix(CMD_PREFIX) {
+        if let Some(v) = arg.strip_prefix(CMD_PREFIX.as_bytes()) {
             cmd = Some(v.to_vec());
-        } else if let Some(v) = arg.strip_prefix(UNSHARE_PREFIX) {
+        } else if let Some(v) = arg.strip_prefix(UNSHARE_PREFIX.as_bytes()) {
             unshare = Some(v.to_vec());
         }
     }
     let command = match cmd {
         None => None,
-        Some(enc) => Some(decode_command(&enc)?),
+        Some(enc) => Some(decode_command(&enc).map_err(CmdlineError::Command)?),
     };
     let unshare = match unshare {
         None => Namespaces::default(),
         Some(list) => parse_namespaces(&list)?,
     };
     Ok(BootArgs { command, unshare })
-}
-
-/// Decodes a `vmm.cmd=` value into argv: base64url of the arguments joined by NUL.
-pub fn decode_command(encoded: &[u8]) -> Result<Vec<Vec<u8>>, CmdlineError> {
-    let joined = base64::decode(encoded).map_err(CmdlineError::BadEncoding)?;
-    // An empty value would be ambiguous (no argv, or one empty argument): refuse it.
-    if joined.is_empty() {
-        return Err(CmdlineError::EmptyCommand);
-    }
-    let argv: Vec<Vec<u8>> = joined.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
-    if argv[0].is_empty() {
-        return Err(CmdlineError::EmptyCommand);
-    }
-    Ok(argv)
 }
 
 fn parse_namespaces(list: &[u8]) -> Result<Namespaces, CmdlineError> {
@@ -159,28 +131,14 @@ mod tests {
     }
 
     #[test]
-    fn keeps_empty_and_binary_arguments() {
-        // "printf\0\0a b\0\xff"
-        let enc = b"cHJpbnRmAABhIGIA_w";
-        assert_eq!(
-            decode_command(enc).unwrap(),
-            vec![
-                b"printf".to_vec(),
-                b"".to_vec(),
-                b"a b".to_vec(),
-                vec![0xff]
-            ]
-        );
-    }
-
-    #[test]
     fn rejects_empty_and_malformed_commands() {
-        assert_eq!(parse(args(&["vmm.cmd="])), Err(CmdlineError::EmptyCommand));
-        // "\0x": empty program name.
-        assert_eq!(decode_command(b"AHg"), Err(CmdlineError::EmptyCommand));
+        assert_eq!(
+            parse(args(&["vmm.cmd="])),
+            Err(CmdlineError::Command(CommandError::Empty))
+        );
         assert!(matches!(
             parse(args(&["vmm.cmd=a*b"])),
-            Err(CmdlineError::BadEncoding(_))
+            Err(CmdlineError::Command(CommandError::Encoding(_)))
         ));
     }
 

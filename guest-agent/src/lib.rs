@@ -9,7 +9,6 @@
 //! the host.
 #![deny(unsafe_code)]
 
-pub mod base64;
 pub mod cmdline;
 pub mod command;
 pub mod init;

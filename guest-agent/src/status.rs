@@ -9,12 +9,7 @@
 
 use std::io;
 
-/// The "vmm status port": one byte written here is the guest's exit status.
-/// Must match `STATUS_PORT` in vmm/src/arch/layout.rs.
-pub const STATUS_PORT: u16 = 0x510;
-/// Any byte written here tells the VMM the agent has started (a boot
-/// milestone for `vmm run --timings`). Must match `PROGRESS_PORT` in layout.rs.
-pub const PROGRESS_PORT: u16 = 0x511;
+pub use guest_abi::ports::{PROGRESS_PORT, STATUS_PORT};
 
 /// The program was found but could not be run, or the agent could not start it.
 pub const CANNOT_EXECUTE: u8 = 126;

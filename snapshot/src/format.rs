@@ -10,7 +10,7 @@ pub const FOOTER_MAGIC: [u8; 8] = *b"VMMSIDX\0";
 /// The one format version. Bump it on any change to this module, to
 /// [`crate::state`] or to a serialized state struct; readers refuse every
 /// other version.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Guest memory and disks are described per page of this size.
 pub const PAGE_SIZE: usize = 4096;
 /// Default chunk: 1 MiB of guest memory. Big enough for zstd to find

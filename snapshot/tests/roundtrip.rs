@@ -373,7 +373,7 @@ fn other_versions_and_garbage_are_refused() {
     let e = read_all(&v3, None).unwrap_err().to_string();
     assert_eq!(
         e,
-        "image format version 3 is not supported (this build reads version 1)"
+        "image format version 3 is not supported (this build reads version 2)"
     );
     let e = read_all(b"#!/bin/sh\necho hello\n", None)
         .unwrap_err()

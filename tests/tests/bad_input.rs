@@ -211,7 +211,7 @@ fn bad_images_and_failed_snapshots() {
     v9[8] = 9;
     assert_one_line_error(
         &["restore", "--from", &write("v9.img", &v9)],
-        "version 9 is not supported (this build reads version 1)",
+        "version 9 is not supported (this build reads version 2)",
     );
     for cut in [10, 100, good.len() / 3, good.len() / 2, good.len() - 40] {
         let p = write("cut.img", &good[..cut]);

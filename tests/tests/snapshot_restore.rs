@@ -115,10 +115,22 @@ fn a_ticking_container_carries_on_after_restore() {
     let v = vmm_in(&dir, &["inspect", "--verify", "b.img"]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     let report = String::from_utf8_lossy(&v.stdout);
-    assert!(
-        report.contains("vcpu") && report.contains("disk0"),
-        "{report}"
-    );
+    // One section per vCPU and per device, the disk bound to its device.
+    for (kind, name) in [
+        ("vcpu", "0"),
+        ("vcpu", "1"),
+        ("device", "serial/0"),
+        ("device", "i8042/0"),
+        ("device", "status-port/0"),
+        ("device", "virtio-blk/0"),
+        ("disk", "virtio-blk/0"),
+    ] {
+        let listed = report.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() >= 2 && w[0] == kind && w[1] == name
+        });
+        assert!(listed, "no {kind} section {name:?} in:\n{report}");
+    }
 
     // Two restores of one image, side by side, each with its own disk.
     std::fs::create_dir_all(dir.join("d1")).unwrap();

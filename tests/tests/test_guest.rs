@@ -299,7 +299,7 @@ fn the_disk_is_restored_as_a_sparse_copy() {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(files.len(), 1, "{files:?}");
-    assert!(files[0].to_string_lossy().ends_with("-disk0.img"));
+    assert!(files[0].to_string_lossy().ends_with("-virtio-blk-0.img"));
     assert!(
         std::fs::read(&files[0]).unwrap() == bytes,
         "restored disk differs"

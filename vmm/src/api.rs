@@ -18,8 +18,9 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::control::{ApiRequest, SnapshotRequest, SnapshotTarget, VmmEvent};
-use crate::kvm::vcpu::StopReason;
+use crate::events::{
+    ApiRequest, SnapshotBody, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -51,7 +52,7 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    pub fn start(path: &Path, info: VmInfo, events: Sender<VmmEvent>) -> Result<Self, ApiError> {
+    pub fn start(path: &Path, info: VmInfo, events: Sender<VmEvent>) -> Result<Self, ApiError> {
         let name = path.display().to_string();
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
@@ -136,34 +137,15 @@ enum Routed {
     Stream(std::io::PipeReader),
 }
 
-/// Body of `PUT /vm/snapshot`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SnapshotBody {
-    path: Option<PathBuf>,
-    #[serde(default)]
-    stream: bool,
-    #[serde(default)]
-    stop: bool,
-    #[serde(default = "default_compress")]
-    compress: String,
-    #[serde(default)]
-    no_disk: bool,
-}
-
-fn default_compress() -> String {
-    "zstd:1".into()
-}
-
 fn error(code: u16, msg: impl std::fmt::Display) -> Routed {
     Routed::Json(code, serde_json::json!({ "error": msg.to_string() }))
 }
 
 /// Hands a request to the main thread and waits for its answer.
-fn ask(events: &Sender<VmmEvent>, request: ApiRequest) -> Routed {
+fn ask(events: &Sender<VmEvent>, request: ApiRequest) -> Routed {
     let (tx, rx) = std::sync::mpsc::channel();
     if events
-        .send(VmmEvent::Request { request, reply: tx })
+        .send(VmEvent::Request { request, reply: tx })
         .is_err()
     {
         return error(503, "the VM is shutting down");
@@ -181,7 +163,7 @@ fn route(
     url: &str,
     body: &str,
     info: &VmInfo,
-    events: &Sender<VmmEvent>,
+    events: &Sender<VmEvent>,
 ) -> Routed {
     use tiny_http::Method::{Get, Put};
     match (method, url) {
@@ -197,7 +179,7 @@ fn route(
             }),
         ),
         (Put, "/vm/shutdown") => {
-            let _ = events.send(VmmEvent::Stop(StopReason::Requested));
+            let _ = events.send(VmEvent::Stop(StopReason::Requested));
             Routed::Json(200, serde_json::json!({ "state": "stopping" }))
         }
         (Put, "/vm/pause") => ask(events, ApiRequest::Pause),
@@ -208,6 +190,7 @@ fn route(
                     Ok(b) => b,
                     Err(e) => return error(400, format!("bad snapshot request: {e}")),
                 };
+            let options = b.options();
             let target = match (b.path, b.stream) {
                 (Some(p), false) => SnapshotTarget::Path(p),
                 (None, true) => {
@@ -217,13 +200,11 @@ fn route(
                     };
                     let request = ApiRequest::Snapshot(SnapshotRequest {
                         target: SnapshotTarget::Stream(Box::new(writer)),
-                        stop: b.stop,
-                        compress: b.compress,
-                        no_disk: b.no_disk,
+                        options,
                     });
                     let (tx, _rx) = std::sync::mpsc::channel();
                     if events
-                        .send(VmmEvent::Request { request, reply: tx })
+                        .send(VmEvent::Request { request, reply: tx })
                         .is_err()
                     {
                         return error(503, "the VM is shutting down");
@@ -237,12 +218,7 @@ fn route(
             };
             ask(
                 events,
-                ApiRequest::Snapshot(SnapshotRequest {
-                    target,
-                    stop: b.stop,
-                    compress: b.compress,
-                    no_disk: b.no_disk,
-                }),
+                ApiRequest::Snapshot(SnapshotRequest { target, options }),
             )
         }
         (_, "/" | "/vm" | "/vm/shutdown" | "/vm/pause" | "/vm/resume" | "/vm/snapshot") => {
@@ -301,8 +277,21 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert!(matches!(
             rx.recv().unwrap(),
-            VmmEvent::Stop(StopReason::Requested)
+            VmEvent::Stop(StopReason::Requested)
         ));
+        // A bad snapshot request is refused before it reaches the main
+        // thread: the VM is never paused for it.
+        let body = r#"{"path":"/tmp/x.img","compress":"bogus"}"#;
+        let r = request(
+            &sock,
+            &format!(
+                "PUT /vm/snapshot HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        assert!(r.contains("unknown compression 'bogus'"), "{r}");
+        assert!(rx.try_recv().is_err(), "the request reached the VM");
         drop(server);
         assert!(!sock.exists());
         std::fs::remove_dir_all(&dir).unwrap();

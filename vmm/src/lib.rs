@@ -1,17 +1,39 @@
-//! The micro-VMM: boots a Linux guest (or the test guest) under KVM.
+//! The micro-VMM: boots a Linux guest (or the test guest) under KVM, and
+//! checkpoints and restores it whole. ARCHITECTURE.md at the repository's
+//! root says how the parts fit.
 //!
-//! Layout: `arch` is pure x86_64 knowledge (layout, CPUID, boot state, MP
-//! table, instruction fallbacks); `kvm` wraps /dev/kvm (VM, vCPUs, run loop);
-//! `device_manager` wires the `devices` crate to ports and interrupts;
-//! `runner` puts a VM together and runs it; `api` is the control socket.
+//! - `arch`: x86_64 knowledge (layout, CPUID, boot state, MP table, kernel
+//!   loading, instruction completion).
+//! - `kvm`: the KVM VM and vCPU wrappers and their saved state.
+//! - `memory`: guest memory, its backing and KVM slots.
+//! - `vcpu`: the vCPU threads and their state machine.
+//! - `bus`, `device_manager`: the devices on the guest's buses, saved one by one;
+//!   `event_loop`: the device thread where their backends work.
+//! - `machine`: the one owner of a VM's lifecycle; `state` is what it saves.
+//! - `image`: a machine's state, memory and disks as an image and back;
+//!   `host`: whether this host can run an image.
+//! - `boot`: what `vmm run` boots; `runner`: runs a machine and serves `api`.
+//! - `events`: what reaches the main thread, and the typed requests.
 
 pub mod api;
 pub mod arch;
-pub mod checkpoint;
-pub mod control;
+pub mod atomic_file;
+pub mod boot;
+pub mod bus;
 pub mod device_manager;
+pub mod event_loop;
+pub mod events;
 pub mod guest;
+pub mod host;
+pub mod image;
 pub mod kvm;
+pub mod machine;
+pub mod memory;
 pub mod runner;
+pub mod state;
 pub mod terminal;
 pub mod timeline;
+pub mod vcpu;
+
+#[cfg(test)]
+pub(crate) mod test_vm;

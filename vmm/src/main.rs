@@ -7,7 +7,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use vmm::runner::{self, VmConfig};
+use vmm::boot::VmConfig;
+use vmm::events::{SnapshotBody, SnapshotOptions};
+use vmm::runner;
 
 #[derive(Parser)]
 #[command(
@@ -72,15 +74,8 @@ struct SnapshotArgs {
     /// Where the image goes: a file (written atomically) or - for stdout.
     #[arg(long)]
     out: String,
-    /// End the VM once the image is safely written.
-    #[arg(long)]
-    stop: bool,
-    /// none, zstd or zstd:LEVEL.
-    #[arg(long, default_value = "zstd:1")]
-    compress: String,
-    /// Record the disk's path and fingerprint instead of its contents.
-    #[arg(long)]
-    no_disk: bool,
+    #[command(flatten)]
+    options: SnapshotOptions,
 }
 
 #[derive(clap::Args)]
@@ -183,13 +178,8 @@ fn api_error(body: &[u8]) -> String {
 }
 
 fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
-    let mut req = serde_json::json!({
-        "stop": args.stop,
-        "compress": args.compress,
-        "no_disk": args.no_disk,
-    });
     if args.out == "-" {
-        req["stream"] = true.into();
+        let req = SnapshotBody::new(None, args.options);
         let stdout = std::io::stdout();
         let mut tail = Tail {
             inner: stdout.lock(),
@@ -200,7 +190,7 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
             &args.api_sock,
             "PUT",
             "/vm/snapshot",
-            &req.to_string(),
+            &serde_json::to_string(&req)?,
             &mut tail,
         )?;
         std::io::Write::flush(&mut tail)?;
@@ -224,13 +214,13 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
     } else {
         std::env::current_dir()?.join(out)
     };
-    req["path"] = abs.display().to_string().into();
+    let req = SnapshotBody::new(Some(abs), args.options);
     let mut body = Vec::new();
     let code = api_request(
         &args.api_sock,
         "PUT",
         "/vm/snapshot",
-        &req.to_string(),
+        &serde_json::to_string(&req)?,
         &mut body,
     )?;
     if code != 200 {
@@ -251,12 +241,8 @@ fn open_image(path: &str) -> anyhow::Result<Box<dyn std::io::Read>> {
 
 fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
     let from = open_image(args.from.as_str())?;
-    let timeline = std::sync::Arc::new(vmm::timeline::Timeline::new(start));
-    let machine = vmm::checkpoint::restore(from, &args.disk_dir, timeline)
+    let finished = runner::restore(from, &args.disk_dir, args.api_sock.as_deref(), start)
         .with_context(|| format!("cannot restore from {}", args.from))?;
-    log::info!("restored in {:?}", start.elapsed());
-    let finished = runner::run_machine(machine, args.api_sock.as_deref(), start)
-        .context("the restored VM failed")?;
     if args.timings {
         eprintln!("{}", finished.timings);
     }
@@ -313,12 +299,33 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
     Ok(finished.status)
 }
 
+/// Help and version go out as clap prints them; a bad command line is one
+/// line naming the problem, like every other error.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("bad command line");
+    eprintln!("vmm: {first} (see vmm --help)");
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let result = match cli.command {
         Command::Run(args) => run(args, start),
         Command::Snapshot(args) => snapshot_cmd(args),

@@ -14,8 +14,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{
-    ActivateError, DeviceState, Interrupt, QueueError, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    ActivateError, Interrupt, QueueError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 mod persist;
@@ -385,8 +384,8 @@ impl VirtioDevice for Block {
         self.file.sync_all()
     }
 
-    fn save_device(&self) -> DeviceState {
-        DeviceState::Block(crate::Persist::save(self))
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

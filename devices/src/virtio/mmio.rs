@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 mod persist;
-pub use persist::{DeviceArgs, DeviceState, MmioArgs, MmioError, MmioState, QueueState};
+pub use persist::{MmioArgs, MmioError, MmioState, QueueState};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -179,8 +179,8 @@ impl MmioTransport {
         data.copy_from_slice(&v.to_le_bytes());
     }
 
-    /// A guest write at `offset` in the window. A QueueNotify is served
-    /// here, synchronously.
+    /// A guest write at `offset` in the window. A QueueNotify that reaches
+    /// here (no ioeventfd took it) is served synchronously.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= reg::CONFIG {
             self.device.write_config(offset - reg::CONFIG, data);
@@ -214,7 +214,7 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            reg::QUEUE_NOTIFY => self.notify(v as usize),
+            reg::QUEUE_NOTIFY => self.notify_queue(v as usize),
             reg::INTERRUPT_ACK => self.interrupt.ack(v),
             reg::STATUS => self.set_status(v),
             reg::QUEUE_DESC_LOW
@@ -261,7 +261,28 @@ impl MmioTransport {
         self.acked_features = (self.acked_features & !mask) | (wanted & offered);
     }
 
-    fn notify(&mut self, index: usize) {
+    /// How many queues the device has (QueueNotify values 0 to this - 1).
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Serves whatever each ready queue holds, as a notification of every
+    /// queue would. Called before a pause, so no request the driver made
+    /// available is left unserved, and after a restore.
+    pub fn drain(&mut self) {
+        if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        for index in 0..self.queues.len() {
+            if self.queues[index].ready() {
+                self.notify_queue(index);
+            }
+        }
+    }
+
+    /// The driver notified queue `index` (a QueueNotify write, or its
+    /// ioeventfd): serve what it holds.
+    pub fn notify_queue(&mut self, index: usize) {
         log::trace!("virtio-mmio: notify queue {index}");
         if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
             log::debug!("virtio-mmio: notify of queue {index} before the device is running");

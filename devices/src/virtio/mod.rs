@@ -2,12 +2,14 @@
 //!
 //! [`MmioTransport`] owns the register window, the queues and the
 //! [`Interrupt`]; a [`VirtioDevice`] behind it (today [`block::Block`]) serves
-//! the requests. Requests are served synchronously on the vCPU thread that
-//! wrote QueueNotify, so when every vCPU is out of KVM_RUN no request is in
-//! flight.
+//! the requests. The VMM routes QueueNotify through an ioeventfd to its
+//! device thread, which calls [`MmioTransport::notify_queue`]; a request is
+//! served whole under the transport's lock, and
+//! [`MmioTransport::drain`] serves what is left before a pause.
 
 pub mod block;
 pub mod mmio;
+pub mod persist;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -15,9 +17,8 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use mmio::{
-    DeviceArgs, DeviceState, MmioArgs, MmioError, MmioState, MmioTransport, QueueState,
-};
+pub use mmio::{MmioArgs, MmioError, MmioState, MmioTransport, QueueState};
+pub use persist::{VirtioDeviceState, VirtioRestoreError};
 
 /// Device status bits (virtio 1.x, 2.1).
 pub mod status {
@@ -109,7 +110,7 @@ pub enum QueueError {
 }
 
 /// What the MMIO transport needs from a device behind it.
-pub trait VirtioDevice: Send {
+pub trait VirtioDevice: Send + std::any::Any {
     /// virtio device id (2 = block).
     fn device_type(&self) -> u32;
     /// The largest size of each queue; its length is the number of queues.
@@ -131,8 +132,7 @@ pub trait VirtioDevice: Send {
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError>;
     /// The driver notified queue `index`: serve everything it holds and
-    /// signal the used ring through the interrupt given at activation. Called
-    /// synchronously on the vCPU thread.
+    /// signal the used ring through the interrupt given at activation.
     fn process_queue(
         &mut self,
         index: usize,
@@ -143,8 +143,9 @@ pub trait VirtioDevice: Send {
     /// Makes everything the device has done durable (e.g. fsync the disk
     /// image) before its state or its backing file is captured.
     fn quiesce(&mut self) -> std::io::Result<()>;
-    /// The device-specific state, for the image.
-    fn save_device(&self) -> DeviceState;
+    /// The device as `Any`, so its owner can reach its concrete type (and
+    /// its [`crate::Persist`] state) through the transport.
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// A minimal virtio driver side for tests: guest memory with a split queue

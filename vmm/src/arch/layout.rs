@@ -44,10 +44,8 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const I8042_IRQ: u32 = 1;
-/// A guest writes its exit status here (one byte) before it resets; `vmm` exits with it.
-pub const STATUS_PORT: u16 = 0x510;
-/// The guest agent writes any byte here when it starts (a boot milestone).
-pub const PROGRESS_PORT: u16 = 0x511;
+/// The guest agent's ports (exit status, start milestone).
+pub use guest_abi::ports::{PROGRESS_PORT, STATUS_PORT};
 
 /// Largest guest memory we accept, and the smallest that boots anything useful.
 pub const MAX_MEM_MIB: u64 = 64 * 1024;

@@ -1,57 +1,34 @@
-//! A vCPU: its boot configuration, its thread's run loop, and the exit handler.
-//!
-//! The run loop is a small state machine: it runs KVM_RUN until an exit asks it
-//! to stop or another thread asks it to (by setting the shared `exiting` flag
-//! and kicking it out of KVM_RUN with a signal). The exit handler, which
-//! decides what each KVM exit means, is a separate function unit-tested on its
-//! own.
+//! A KVM vCPU: its boot configuration, save and restore, and one KVM_RUN
+//! with the meaning of its exit. The thread that drives it, and its states,
+//! live in the top-level `vcpu` module.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
-use crate::arch::{cpuid, emulate, regs};
-use crate::kvm::persist;
+use crate::arch::{complete, cpuid, regs};
+use crate::bus::{Bus, PortEffect};
+use crate::events::StopReason;
+use crate::kvm::persist::{self, PersistError, VcpuState};
 use crate::kvm::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    #[error("vCPU {id}: KVM {op} failed: {err}")]
+    #[error("vCPU {id}: KVM {op} failed")]
     Kvm {
         id: u8,
         op: &'static str,
+        #[source]
         err: kvm_ioctls::Error,
     },
-    #[error("cannot restore a vCPU: {0}")]
-    Restore(Box<persist::PersistError>),
+    #[error("cannot restore a vCPU")]
+    Restore(#[source] Box<PersistError>),
+    #[error("cannot list the MSRs to save")]
+    SaveCaps(#[source] Box<PersistError>),
     #[error("vCPU {id}: KVM accepted only {set} of {total} boot MSRs")]
     Msrs { id: u8, set: usize, total: usize },
-}
-
-/// Why the VM stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StopReason {
-    /// The guest reset the machine (i8042 pulse, `reboot`): the normal way out.
-    GuestReset,
-    /// A triple fault or KVM_SYSTEM_EVENT shutdown.
-    GuestShutdown(String),
-    /// Asked for through the API.
-    Requested,
-    /// The VM cannot go on.
-    Failed(String),
-}
-
-/// What a device bus does with a guest access.
-pub trait Bus: Send + Sync {
-    fn pio_in(&self, port: u16, data: &mut [u8]);
-    /// Returns true when the write asks for a machine reset.
-    fn pio_out(&self, port: u16, data: &[u8]) -> bool;
-    fn mmio_read(&self, addr: u64, data: &mut [u8]);
-    fn mmio_write(&self, addr: u64, data: &[u8]);
 }
 
 /// What the run loop does after an exit.
@@ -71,13 +48,10 @@ pub fn handle_exit(exit: VcpuExit<'_>, bus: &dyn Bus) -> ExitAction {
             bus.pio_in(port, data);
             ExitAction::Continue
         }
-        VcpuExit::IoOut(port, data) => {
-            if bus.pio_out(port, data) {
-                ExitAction::Stop(StopReason::GuestReset)
-            } else {
-                ExitAction::Continue
-            }
-        }
+        VcpuExit::IoOut(port, data) => match bus.pio_out(port, data) {
+            PortEffect::Reset => ExitAction::Stop(StopReason::GuestReset),
+            PortEffect::None => ExitAction::Continue,
+        },
         VcpuExit::MmioRead(addr, data) => {
             bus.mmio_read(addr, data);
             ExitAction::Continue
@@ -106,66 +80,57 @@ pub fn handle_exit(exit: VcpuExit<'_>, bus: &dyn Bus) -> ExitAction {
     }
 }
 
-/// State shared by all vCPU threads of one VM.
-pub struct VcpuShared {
-    pub bus: Arc<dyn Bus>,
-    pub memory: GuestMemoryMmap,
-    pub exiting: AtomicBool,
-    /// Where a vCPU reports that the VM must stop.
-    pub stop: Sender<crate::control::VmmEvent>,
-    pub timeline: Arc<crate::timeline::Timeline>,
-}
-
-pub struct Vcpu {
-    id: u8,
-    fd: VcpuFd,
-    /// The CPUID table this vCPU was given, saved in snapshots.
-    cpuid: Vec<kvm_cpuid_entry2>,
-}
-
-/// What the VMM asks of a vCPU thread.
-#[derive(Debug)]
-pub enum VcpuRequest {
-    /// Leave KVM_RUN, finish any pending I/O, and wait.
-    Pause,
-    /// Read the (paused) vCPU's KVM state.
-    Save,
-    /// Go back to running the guest.
-    Resume,
-    /// End the thread.
-    Exit,
-}
-
-/// What a vCPU thread answers.
-pub enum VcpuReply {
-    Paused,
-    Resumed,
-    State(Box<persist::VcpuState>),
-    Error(String),
-}
-
-/// The vCPU thread's end of its control channels.
-pub struct VcpuControl {
-    pub requests: Receiver<VcpuRequest>,
-    pub replies: Sender<VcpuReply>,
+/// What saving a vCPU needs to know about this host, found once per VM.
+pub struct SaveCaps {
     /// This host's XSAVE area size, from [`persist::xsave2_size`].
-    pub xsave_size: Option<usize>,
-    /// The MSRs this host lets us save.
-    pub msr_indices: Arc<Vec<u32>>,
+    xsave_size: Option<usize>,
+    /// The MSRs this host lets us save, from [`persist::saveable_msrs`].
+    msrs: Vec<u32>,
 }
 
-enum Served {
-    Running,
-    Exit,
+/// Found with the first vCPU of the process and shared by all: every VM of
+/// one process runs on the same host.
+static SAVE_CAPS: OnceLock<Arc<SaveCaps>> = OnceLock::new();
+
+fn save_caps(vm: &Vm, fd: &VcpuFd, id: u8) -> Result<Arc<SaveCaps>, VcpuError> {
+    if let Some(c) = SAVE_CAPS.get() {
+        return Ok(c.clone());
+    }
+    let caps = Arc::new(SaveCaps {
+        xsave_size: persist::xsave2_size(vm.fd()),
+        msrs: persist::saveable_msrs(vm.kvm(), fd, id)
+            .map_err(|e| VcpuError::SaveCaps(Box::new(e)))?,
+    });
+    Ok(SAVE_CAPS.get_or_init(|| caps).clone())
 }
 
-fn kvm_err(id: u8, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
-    move |err| VcpuError::Kvm { id, op, err }
+/// What one KVM_RUN came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Go on running.
+    Continue,
+    /// A signal took the vCPU out of KVM_RUN: look at the requests.
+    Interrupted,
+    /// The VM must stop.
+    Stop(StopReason),
 }
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// One KVM vCPU.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    /// The CPUID table this vCPU was given, saved in snapshots.
+    cpuid: Vec<kvm_cpuid_entry2>,
+    caps: Arc<SaveCaps>,
+}
+
+fn kvm_err(id: u8, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |err| VcpuError::Kvm { id, op, err }
 }
 
 impl Vcpu {
@@ -253,11 +218,17 @@ impl Vcpu {
             fd.set_regs(&regs::boot_regs(entry))
                 .map_err(kvm_err(id, "KVM_SET_REGS"))?;
         }
+        let caps = save_caps(vm, &fd, id)?;
         Ok(Vcpu {
             id,
             fd,
             cpuid: cpuid_table,
+            caps,
         })
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
     }
 
     pub fn fd(&self) -> &VcpuFd {
@@ -277,104 +248,66 @@ impl Vcpu {
             .create_vcpu(u64::from(id))
             .map_err(kvm_err(id, "KVM_CREATE_VCPU"))?;
         persist::restore_vcpu(vm.fd(), &fd, state).map_err(|e| VcpuError::Restore(Box::new(e)))?;
+        let caps = save_caps(vm, &fd, id)?;
         Ok(Vcpu {
             id,
             fd,
             cpuid: state.cpuid.clone(),
+            caps,
         })
     }
 
-    /// The thread body: runs until this vCPU stops the VM or is told to stop.
-    ///
-    /// States: running (in and out of KVM_RUN), paused (out of KVM_RUN,
-    /// waiting for requests), exiting. Requests arrive on `control`; the
-    /// sender kicks the thread out of KVM_RUN with [`kick_signal`] until it
-    /// answers.
-    pub fn run(mut self, shared: Arc<VcpuShared>, control: VcpuControl) {
-        if self.id == 0 {
-            shared.timeline.first_instruction();
-        }
-        let reason = loop {
-            if shared.exiting.load(Ordering::Acquire) {
-                return;
-            }
-            if let Ok(req) = control.requests.try_recv() {
-                match self.serve(req, &shared, &control) {
-                    Served::Running => continue,
-                    Served::Exit => return,
-                }
-            }
-            let action = match self.fd.run() {
-                Ok(exit) => handle_exit(exit, shared.bus.as_ref()),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    continue;
-                }
-                Err(e) => ExitAction::Stop(StopReason::Failed(format!(
-                    "vCPU {}: KVM_RUN failed: {e}",
-                    self.id
-                ))),
-            };
-            match action {
-                ExitAction::Continue => {}
-                ExitAction::Stop(r) => break r,
-                ExitAction::InternalError => {
-                    if let Err(msg) = self.complete_emulation(&shared.memory) {
-                        break StopReason::Failed(msg);
-                    }
-                }
-            }
-        };
-        shared.exiting.store(true, Ordering::Release);
-        // The receiver may be gone if another vCPU stopped the VM first.
-        let _ = shared.stop.send(crate::control::VmmEvent::Stop(reason));
+    /// Reads the vCPU's state. It must be out of KVM_RUN with its pending
+    /// I/O finished ([`Vcpu::finish_pending_io`]).
+    pub fn save(&self) -> Result<VcpuState, PersistError> {
+        persist::save_vcpu(
+            self.caps.xsave_size,
+            &self.fd,
+            self.id,
+            &self.caps.msrs,
+            &self.cpuid,
+        )
     }
 
-    /// Handles one request; a pause keeps serving requests until a resume.
-    fn serve(&mut self, req: VcpuRequest, shared: &VcpuShared, control: &VcpuControl) -> Served {
-        let VcpuRequest::Pause = req else {
-            // Only a pause is valid while running: answer so the caller never hangs.
-            let _ = control.replies.send(VcpuReply::Error(format!(
-                "vCPU {}: {req:?} while running",
+    /// Runs the guest until its next exit and handles it.
+    pub fn run(&mut self, bus: &dyn Bus, mem: &GuestMemoryMmap) -> RunOutcome {
+        let action = match self.fd.run() {
+            Ok(exit) => handle_exit(exit, bus),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return RunOutcome::Interrupted;
+            }
+            Err(e) => ExitAction::Stop(StopReason::Failed(format!(
+                "vCPU {}: KVM_RUN failed: {e}",
                 self.id
-            )));
-            return Served::Running;
+            ))),
         };
-        // An exit that needs the VMM to finish it (a port or MMIO read) is
-        // completed by the next KVM_RUN: run once with immediate_exit so KVM
-        // writes the result into the registers and returns at once.
+        match action {
+            ExitAction::Continue => RunOutcome::Continue,
+            ExitAction::Stop(r) => RunOutcome::Stop(r),
+            ExitAction::InternalError => {
+                let suberror = self.internal_suberror();
+                if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                    return RunOutcome::Stop(StopReason::Failed(format!(
+                        "vCPU {}: KVM internal error, suberror {suberror}",
+                        self.id
+                    )));
+                }
+                match complete::complete_instruction(&self.fd, mem, self.id) {
+                    Ok(()) => RunOutcome::Continue,
+                    Err(msg) => RunOutcome::Stop(StopReason::Failed(msg)),
+                }
+            }
+        }
+    }
+
+    /// An exit that needs the VMM to finish it (a port or MMIO read) is
+    /// completed by the next KVM_RUN: run once with immediate_exit so KVM
+    /// writes the result into the registers and returns at once. After
+    /// this the registers are whole, and can be saved.
+    pub fn finish_pending_io(&mut self) {
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
-        let _ = control.replies.send(VcpuReply::Paused);
-        loop {
-            let Ok(req) = control.requests.recv() else {
-                return Served::Exit;
-            };
-            let reply = match req {
-                VcpuRequest::Pause => VcpuReply::Paused,
-                VcpuRequest::Resume => {
-                    let _ = control.replies.send(VcpuReply::Resumed);
-                    return Served::Running;
-                }
-                VcpuRequest::Exit => return Served::Exit,
-                VcpuRequest::Save => {
-                    match persist::save_vcpu(
-                        control.xsave_size,
-                        &self.fd,
-                        self.id,
-                        &control.msr_indices,
-                        &self.cpuid,
-                    ) {
-                        Ok(state) => VcpuReply::State(Box::new(state)),
-                        Err(e) => VcpuReply::Error(e.to_string()),
-                    }
-                }
-            };
-            if shared.exiting.load(Ordering::Acquire) {
-                return Served::Exit;
-            }
-            let _ = control.replies.send(reply);
-        }
     }
 
     fn internal_suberror(&mut self) -> u32 {
@@ -382,114 +315,6 @@ impl Vcpu {
         // SAFETY: KVM_RUN just returned KVM_EXIT_INTERNAL_ERROR, so `internal`
         // is the union member the kernel filled in.
         unsafe { run.__bindgen_anon_1.internal.suberror }
-    }
-
-    /// Reads the instruction at RIP and completes it if `emulate` knows how.
-    fn complete_emulation(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
-        let suberror = self.internal_suberror();
-        let id = self.id;
-        if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
-            return Err(format!(
-                "vCPU {id}: KVM internal error, suberror {suberror}"
-            ));
-        }
-        let err = |op: &str, e: kvm_ioctls::Error| format!("vCPU {id}: {op} failed: {e}");
-        let mut r = self.fd.get_regs().map_err(|e| err("KVM_GET_REGS", e))?;
-        let sregs = self.fd.get_sregs().map_err(|e| err("KVM_GET_SREGS", e))?;
-        let paging = sregs.cr0 & (1 << 31) != 0;
-        let translate = |linear: u64| -> Option<u64> {
-            if !paging {
-                return Some(linear);
-            }
-            emulate::walk_page_tables(sregs.cr3, linear, |gpa| {
-                mem.read_obj::<u64>(GuestAddress(gpa)).ok()
-            })
-        };
-        let rip_linear = sregs.cs.base.wrapping_add(r.rip);
-        let mut bytes = Vec::with_capacity(15);
-        for off in 0..15u64 {
-            match translate(rip_linear + off)
-                .and_then(|gpa| mem.read_obj::<u8>(GuestAddress(gpa)).ok())
-            {
-                Some(b) => bytes.push(b),
-                None => break,
-            }
-        }
-        let hex: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        let decoded = emulate::decode(&bytes).map_err(|e| {
-            format!(
-                "vCPU {id}: the host's KVM cannot emulate the guest instruction at RIP {:#x} (bytes {}): {e}",
-                r.rip,
-                hex.join(" ")
-            )
-        })?;
-        log::debug!(
-            "vCPU {id}: completing {:?} at {:#x}",
-            decoded.fallback,
-            r.rip
-        );
-        let next_rip = r.rip.wrapping_add(decoded.len);
-        let mem_operand = |op: &emulate::MemOperand| -> Result<u64, String> {
-            let linear = emulate::effective_address(
-                op,
-                &emulate::gp_regs(&r),
-                next_rip,
-                sregs.fs.base,
-                sregs.gs.base,
-            );
-            translate(linear).ok_or_else(|| {
-                format!(
-                    "vCPU {id}: operand at {linear:#x} of the instruction at {:#x} is not mapped",
-                    r.rip
-                )
-            })
-        };
-        match decoded.fallback {
-            emulate::Fallback::Int3 => {
-                let mut events = self
-                    .fd
-                    .get_vcpu_events()
-                    .map_err(|e| err("KVM_GET_VCPU_EVENTS", e))?;
-                events.exception.injected = 1;
-                events.exception.nr = 3;
-                events.exception.has_error_code = 0;
-                events.exception.error_code = 0;
-                r.rip = next_rip;
-                self.fd.set_regs(&r).map_err(|e| err("KVM_SET_REGS", e))?;
-                self.fd
-                    .set_vcpu_events(&events)
-                    .map_err(|e| err("KVM_SET_VCPU_EVENTS", e))?;
-                return Ok(());
-            }
-            emulate::Fallback::Fwait => {}
-            emulate::Fallback::Fninit => {
-                let mut fpu = self.fd.get_fpu().map_err(|e| err("KVM_GET_FPU", e))?;
-                fpu.fcw = 0x37f;
-                fpu.fsw = 0;
-                fpu.ftwx = 0;
-                fpu.last_opcode = 0;
-                fpu.last_ip = 0;
-                fpu.last_dp = 0;
-                self.fd.set_fpu(&fpu).map_err(|e| err("KVM_SET_FPU", e))?;
-            }
-            emulate::Fallback::Ldmxcsr(op) => {
-                let gpa = mem_operand(&op)?;
-                let v: u32 = mem
-                    .read_obj(GuestAddress(gpa))
-                    .map_err(|e| format!("vCPU {id}: ldmxcsr operand: {e}"))?;
-                let mut fpu = self.fd.get_fpu().map_err(|e| err("KVM_GET_FPU", e))?;
-                fpu.mxcsr = v & 0xffff;
-                self.fd.set_fpu(&fpu).map_err(|e| err("KVM_SET_FPU", e))?;
-            }
-            emulate::Fallback::Stmxcsr(op) => {
-                let gpa = mem_operand(&op)?;
-                let fpu = self.fd.get_fpu().map_err(|e| err("KVM_GET_FPU", e))?;
-                mem.write_obj(fpu.mxcsr, GuestAddress(gpa))
-                    .map_err(|e| format!("vCPU {id}: stmxcsr operand: {e}"))?;
-            }
-        }
-        r.rip = next_rip;
-        self.fd.set_regs(&r).map_err(|e| err("KVM_SET_REGS", e))
     }
 }
 
@@ -508,9 +333,13 @@ mod tests {
         fn pio_in(&self, port: u16, data: &mut [u8]) {
             data.fill(port as u8);
         }
-        fn pio_out(&self, port: u16, data: &[u8]) -> bool {
+        fn pio_out(&self, port: u16, data: &[u8]) -> PortEffect {
             self.outs.lock().unwrap().push((port, data.to_vec()));
-            port == 0x64 && data == [0xfe]
+            if port == 0x64 && data == [0xfe] {
+                PortEffect::Reset
+            } else {
+                PortEffect::None
+            }
         }
         fn mmio_read(&self, addr: u64, data: &mut [u8]) {
             data.fill(addr as u8);

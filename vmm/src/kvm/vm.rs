@@ -1,15 +1,17 @@
-//! The KVM VM: guest memory, in-kernel interrupt controllers and PIT, irqfds.
+//! The KVM VM: in-kernel interrupt controllers and PIT, irqfds, and the
+//! guest memory it maps (owned here, managed by [`crate::memory`]).
 //!
 //! Creation order matters: the TSS and identity-map addresses must be set
 //! before any vCPU exists, and the irqchip must exist before the PIT and
 //! before vCPUs are created (KVM attaches each vCPU's LAPIC to it).
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout;
+use crate::memory::{GuestRam, MemoryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -21,11 +23,12 @@ pub enum VmError {
     NotKvm,
     #[error("KVM lacks a capability this VMM needs: {0}")]
     MissingCap(&'static str),
-    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
-    Memory { mib: u64, reason: String },
-    #[error("KVM {op} failed: {err}")]
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("KVM {op} failed")]
     Kvm {
         op: &'static str,
+        #[source]
         err: kvm_ioctls::Error,
     },
 }
@@ -38,7 +41,7 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
 }
 
 impl Vm {
@@ -55,6 +58,7 @@ impl Vm {
             (kvm_ioctls::Cap::Irqchip, "in-kernel irqchip"),
             (kvm_ioctls::Cap::Pit2, "PIT2"),
             (kvm_ioctls::Cap::Irqfd, "irqfd"),
+            (kvm_ioctls::Cap::Ioeventfd, "ioeventfd"),
             (kvm_ioctls::Cap::UserMemory, "user memory"),
         ] {
             if !kvm.check_extension(cap) {
@@ -74,34 +78,8 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_mib << 20)
-            .into_iter()
-            .map(|(a, l)| (GuestAddress(a), l as usize))
-            .collect();
-        let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
-            mib: mem_mib,
-            reason: e.to_string(),
-        })?;
-        for (slot, region) in memory.iter().enumerate() {
-            let host =
-                memory
-                    .get_host_address(region.start_addr())
-                    .map_err(|e| VmError::Memory {
-                        mib: mem_mib,
-                        reason: e.to_string(),
-                    })?;
-            let mr = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the host range is a live mapping owned by `memory`, which
-            // this Vm keeps for as long as the VM fd exists.
-            unsafe { fd.set_user_memory_region(mr) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        let memory = GuestRam::new(mem_mib)?;
+        memory.register(&fd)?;
         Ok(Vm { kvm, fd, memory })
     }
 
@@ -113,29 +91,26 @@ impl Vm {
         &self.fd
     }
 
+    /// Guest memory, as devices and loaders access it.
     pub fn memory(&self) -> &GuestMemoryMmap {
+        self.memory.mmap()
+    }
+
+    pub fn ram(&self) -> &GuestRam {
         &self.memory
     }
 
-    /// Guest RAM as (guest-physical address, bytes), for a snapshot.
-    ///
-    /// Only call this with every vCPU paused: the slices alias memory the
-    /// guest writes while it runs. Devices serve requests on vCPU threads,
-    /// so nothing else writes guest memory meanwhile.
-    pub fn memory_slices(&self) -> Vec<(u64, &[u8])> {
-        self.memory
-            .iter()
-            .filter_map(|region| {
-                let host = self.memory.get_host_address(region.start_addr()).ok()?;
-                let len = usize::try_from(region.len()).ok()?;
-                // SAFETY: `host` is the start of this region's live mapping of
-                // `len` bytes, owned by `self.memory` and unmapped only when
-                // `self` is dropped, which the returned borrow prevents. The
-                // caller guarantees no vCPU writes it meanwhile.
-                let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
-                Some((region.start_addr().raw_value(), bytes))
-            })
-            .collect()
+    /// Makes a guest write of `datamatch` (4 bytes) to MMIO address `addr`
+    /// signal `evt` inside KVM, without an exit to the VMM.
+    pub fn register_mmio_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))
     }
 
     /// Routes writes to `evt` into interrupt line `gsi`.

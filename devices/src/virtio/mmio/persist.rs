@@ -1,6 +1,6 @@
-//! Saved state of a virtio-mmio transport and the device behind it.
+//! Saved state of a virtio-mmio transport. The device behind it saves its
+//! own state next to itself; [`crate::virtio::persist`] pairs the two.
 
-use std::fs::File;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -9,7 +9,6 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::MmioTransport;
-use crate::virtio::block::{Block, BlockError, BlockState};
 use crate::virtio::{
     status, ActivateError, Interrupt, VirtioDevice, INT_CONFIG, INT_USED_RING, VIRTIO_F_VERSION_1,
 };
@@ -31,13 +30,7 @@ pub struct QueueState {
     pub event_idx: bool,
 }
 
-/// Device-specific saved state, one variant per device kind.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DeviceState {
-    Block(BlockState),
-}
-
-/// Everything the transport holds, and the device's own state.
+/// Everything the transport holds; not the device's own state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioState {
     pub device_type: u32,
@@ -50,14 +43,6 @@ pub struct MmioState {
     pub interrupt_status: u32,
     pub config_generation: u32,
     pub activated: bool,
-    pub device: DeviceState,
-}
-
-/// What rebuilds the device behind a transport, besides its saved state.
-pub enum DeviceArgs {
-    /// The disk image for a [`DeviceState::Block`] (its saved path is in
-    /// [`BlockState::path`]).
-    Block(File),
 }
 
 /// Constructor arguments of a restored transport.
@@ -65,7 +50,8 @@ pub struct MmioArgs {
     pub mem: GuestMemoryMmap,
     /// The irqfd of the device's GSI.
     pub irq: EventFd,
-    pub device: DeviceArgs,
+    /// The device behind it, already restored from its own state.
+    pub device: Box<dyn VirtioDevice>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,9 +68,7 @@ pub enum MmioError {
     Status { status: u32, reason: &'static str },
     #[error("saved virtio interrupt status {0:#x} has unknown bits")]
     InterruptStatus(u32),
-    #[error("cannot restore the virtio-blk device: {0}")]
-    Block(#[from] BlockError),
-    #[error("cannot activate the restored virtio device: {0}")]
+    #[error("cannot activate the restored virtio device")]
     Activate(#[from] ActivateError),
 }
 
@@ -139,15 +123,35 @@ fn restore_queue(
     Ok(q)
 }
 
-impl MmioTransport {
-    /// Restores a transport around a device the caller rebuilt itself.
-    /// [`Persist::restore`] does this for the devices of this crate.
-    pub fn restore_with_device(
-        mem: GuestMemoryMmap,
-        irq: EventFd,
-        mut device: Box<dyn VirtioDevice>,
-        s: &MmioState,
-    ) -> Result<Self, MmioError> {
+impl Persist for MmioTransport {
+    type State = MmioState;
+    type ConstructorArgs = MmioArgs;
+    type Error = MmioError;
+
+    /// The caller has quiesced the device (no request in flight).
+    fn save(&self) -> MmioState {
+        MmioState {
+            device_type: self.device.device_type(),
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            acked_features: self.acked_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            queues: self.queues.iter().map(save_queue).collect(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+            activated: self.activated,
+        }
+    }
+
+    /// Restores the transport around a device the caller rebuilt from its
+    /// own state, checking that the two agree.
+    fn restore(args: MmioArgs, s: &MmioState) -> Result<Self, MmioError> {
+        let MmioArgs {
+            mem,
+            irq,
+            mut device,
+        } = args;
         if s.device_type != device.device_type() {
             return Err(MmioError::DeviceType {
                 saved: s.device_type,
@@ -232,56 +236,33 @@ impl MmioTransport {
     }
 }
 
-impl Persist for MmioTransport {
-    type State = MmioState;
-    type ConstructorArgs = MmioArgs;
-    type Error = MmioError;
-
-    /// The caller has quiesced the VM (no vCPU in KVM_RUN): since requests
-    /// are served synchronously, none is in flight.
-    fn save(&self) -> MmioState {
-        MmioState {
-            device_type: self.device.device_type(),
-            device_features_select: self.device_features_select,
-            driver_features_select: self.driver_features_select,
-            acked_features: self.acked_features,
-            status: self.status,
-            queue_select: self.queue_select,
-            queues: self.queues.iter().map(save_queue).collect(),
-            interrupt_status: self.interrupt.status(),
-            config_generation: self.config_generation,
-            activated: self.activated,
-            device: self.device.save_device(),
-        }
-    }
-
-    fn restore(args: MmioArgs, s: &MmioState) -> Result<Self, MmioError> {
-        let device: Box<dyn VirtioDevice> = match (&s.device, args.device) {
-            (DeviceState::Block(bs), DeviceArgs::Block(file)) => {
-                Box::new(Block::restore(file, bs)?)
-            }
-        };
-        MmioTransport::restore_with_device(args.mem, args.irq, device, s)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::tests::{bring_up, disk, negotiate, r, read_sector, transport, w};
     use super::*;
+    use crate::virtio::block::{Block, BlockError, BlockState};
     use crate::virtio::mmio::reg;
+    use crate::virtio::persist::{self, VirtioDeviceState, VirtioRestoreError};
     use crate::virtio::test_utils::*;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
     use vmm_sys_util::tempfile::TempFile;
 
-    fn args(mem: &GuestMemoryMmap, d: &TempFile) -> (MmioArgs, EventFd) {
+    type State = VirtioDeviceState<BlockState>;
+
+    fn save(t: &MmioTransport) -> State {
+        persist::save::<Block>(t).expect("a block device")
+    }
+
+    /// Restores a block device and its transport; the irqfd's other end.
+    fn restore(
+        mem: &GuestMemoryMmap,
+        d: &TempFile,
+        s: &State,
+    ) -> (Result<MmioTransport, VirtioRestoreError>, EventFd) {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let a = MmioArgs {
-            mem: mem.clone(),
-            irq: irq.try_clone().unwrap(),
-            device: DeviceArgs::Block(d.as_file().try_clone().unwrap()),
-        };
-        (a, irq)
+        let file = d.as_file().try_clone().unwrap();
+        let t = persist::restore::<Block>(mem.clone(), irq.try_clone().unwrap(), file, s);
+        (t, irq)
     }
 
     #[test]
@@ -293,19 +274,18 @@ mod tests {
         read_sector(&mut t, &mut drv, 1);
         read_sector(&mut t, &mut drv, 2);
         w(&mut t, reg::QUEUE_SEL, 0);
-        let s = t.save();
-        assert!(s.activated);
-        assert_eq!(s.queues[0].next_avail, 2);
-        assert_eq!(s.queues[0].next_used, 2);
-        assert_eq!(s.interrupt_status, crate::virtio::INT_USED_RING);
-        let DeviceState::Block(bs) = &s.device;
-        assert_eq!(bs.path, d.as_path());
-        assert_eq!(bs.acked_features, s.acked_features);
+        let s = save(&t);
+        assert!(s.transport.activated);
+        assert_eq!(s.transport.queues[0].next_avail, 2);
+        assert_eq!(s.transport.queues[0].next_used, 2);
+        assert_eq!(s.transport.interrupt_status, crate::virtio::INT_USED_RING);
+        assert_eq!(s.device.path, d.as_path());
+        assert_eq!(s.device.acked_features, s.transport.acked_features);
 
         // The restored transport is the same and carries on where it was.
-        let (a, irq) = args(&mem, &d);
-        let mut t2 = MmioTransport::restore(a, &s).unwrap();
-        assert_eq!(t2.save(), s);
+        let (t2, irq) = restore(&mem, &d, &s);
+        let mut t2 = t2.unwrap();
+        assert_eq!(save(&t2), s);
         assert_eq!(irq.read().unwrap(), 1, "pending interrupt raised again");
         assert_eq!(r(&mut t2, reg::STATUS), 0xf);
         read_sector(&mut t2, &mut drv, 3);
@@ -318,89 +298,112 @@ mod tests {
         let d = disk();
         let (mut t, _, mem) = transport(&d);
         negotiate(&mut t);
-        let s = t.save();
-        assert!(!s.activated);
-        let (a, _) = args(&mem, &d);
-        let mut t2 = MmioTransport::restore(a, &s).unwrap();
-        assert_eq!(t2.save(), s);
+        let s = save(&t);
+        assert!(!s.transport.activated);
+        let mut t2 = restore(&mem, &d, &s).0.unwrap();
+        assert_eq!(save(&t2), s);
         // The driver can finish bringing it up.
         super::super::tests::setup_queue(&mut t2);
         w(&mut t2, reg::STATUS, 0xf);
         assert!(t2.is_activated());
     }
 
-    fn running_state() -> (MmioState, GuestMemoryMmap, TempFile) {
+    fn running_state() -> (State, GuestMemoryMmap, TempFile) {
         let d = disk();
         let (mut t, _, mem) = transport(&d);
         bring_up(&mut t);
-        (t.save(), mem, d)
+        (save(&t), mem, d)
     }
 
-    fn restore_err(s: &MmioState, mem: &GuestMemoryMmap, d: &TempFile) -> MmioError {
-        match MmioTransport::restore(args(mem, d).0, s) {
+    fn restore_err(s: &State, mem: &GuestMemoryMmap, d: &TempFile) -> VirtioRestoreError {
+        match restore(mem, d, s).0 {
             Ok(_) => panic!("restore accepted a bad state"),
             Err(e) => e,
+        }
+    }
+
+    /// The transport refused the state.
+    fn transport_err(s: &State, mem: &GuestMemoryMmap, d: &TempFile) -> MmioError {
+        match restore_err(s, mem, d) {
+            VirtioRestoreError::Transport(e) => e,
+            other => panic!("the device, not the transport, refused: {other}"),
+        }
+    }
+
+    /// The block device refused its state.
+    fn block_err(s: &State, mem: &GuestMemoryMmap, d: &TempFile) -> BlockError {
+        match restore_err(s, mem, d) {
+            VirtioRestoreError::Device(e) => *e.downcast::<BlockError>().unwrap(),
+            other => panic!("the transport, not the device, refused: {other}"),
         }
     }
 
     #[test]
     fn acked_features_not_offered() {
         let (mut s, mem, d) = running_state();
-        s.acked_features |= 1 << 28; // INDIRECT_DESC, never offered
+        s.transport.acked_features |= 1 << 28; // INDIRECT_DESC, never offered
         assert!(matches!(
-            restore_err(&s, &mem, &d),
+            transport_err(&s, &mem, &d),
             MmioError::Features { .. }
         ));
         let (mut s, mem, d) = running_state();
-        let DeviceState::Block(bs) = &mut s.device;
-        bs.acked_features |= 1 << 28;
+        s.device.acked_features |= 1 << 28;
         assert!(matches!(
-            restore_err(&s, &mem, &d),
-            MmioError::Block(BlockError::AckedNotOffered { .. })
+            block_err(&s, &mem, &d),
+            BlockError::AckedNotOffered { .. }
         ));
     }
 
     #[test]
     fn queue_outside_memory() {
         let (mut s, mem, d) = running_state();
-        s.queues[0].used_ring = MEM_SIZE as u64 - 8;
-        let e = restore_err(&s, &mem, &d);
+        s.transport.queues[0].used_ring = MEM_SIZE as u64 - 8;
+        let e = transport_err(&s, &mem, &d);
         assert!(matches!(e, MmioError::Queue { index: 0, .. }), "{e}");
         let (mut s, mem, d) = running_state();
-        s.queues[0].desc_table = 0x1001; // misaligned
-        assert!(matches!(restore_err(&s, &mem, &d), MmioError::Queue { .. }));
+        s.transport.queues[0].desc_table = 0x1001; // misaligned
+        assert!(matches!(
+            transport_err(&s, &mem, &d),
+            MmioError::Queue { .. }
+        ));
         let (mut s, mem, d) = running_state();
-        s.queues[0].size = 300;
-        assert!(matches!(restore_err(&s, &mem, &d), MmioError::Queue { .. }));
+        s.transport.queues[0].size = 300;
+        assert!(matches!(
+            transport_err(&s, &mem, &d),
+            MmioError::Queue { .. }
+        ));
         let (mut s, mem, d) = running_state();
-        s.queues[0].max_size = 128;
-        assert!(matches!(restore_err(&s, &mem, &d), MmioError::Queue { .. }));
+        s.transport.queues[0].max_size = 128;
+        assert!(matches!(
+            transport_err(&s, &mem, &d),
+            MmioError::Queue { .. }
+        ));
     }
 
     #[test]
     fn queue_count_status_and_interrupt_status() {
         let (mut s, mem, d) = running_state();
-        s.queues.push(QueueState::default());
+        s.transport.queues.push(QueueState::default());
         assert!(matches!(
-            restore_err(&s, &mem, &d),
+            transport_err(&s, &mem, &d),
             MmioError::QueueCount { saved: 2, given: 1 }
         ));
         let (mut s, mem, d) = running_state();
-        s.status = 0x3; // active without DRIVER_OK
+        s.transport.status = 0x3; // active without DRIVER_OK
         assert!(matches!(
-            restore_err(&s, &mem, &d),
+            transport_err(&s, &mem, &d),
             MmioError::Status { .. }
         ));
         let (mut s, mem, d) = running_state();
-        s.status |= 0x100;
+        s.transport.status |= 0x100;
         assert!(matches!(
-            restore_err(&s, &mem, &d),
+            transport_err(&s, &mem, &d),
             MmioError::Status { .. }
         ));
         let (mut s, mem, d) = running_state();
-        s.interrupt_status = 4;
+        s.transport.interrupt_status = 4;
         assert!(matches!(
-            restore_err(&s, &mem, &d),
+            transport_err(&s, &mem, &d),
             MmioError::InterruptStatus(4)
         ));
     }
@@ -411,16 +414,15 @@ mod tests {
         let other = TempFile::new().unwrap();
         other.as_file().set_len(128 << 10).unwrap();
         assert!(matches!(
-            restore_err(&s, &mem, &other),
-            MmioError::Block(BlockError::SizeChanged { .. })
+            block_err(&s, &mem, &other),
+            BlockError::SizeChanged { .. }
         ));
         // A read-only disk offers other features than the saved device.
         let (mut s, mem, d) = running_state();
-        let DeviceState::Block(bs) = &mut s.device;
-        bs.read_only = true;
+        s.device.read_only = true;
         assert!(matches!(
-            restore_err(&s, &mem, &d),
-            MmioError::Block(BlockError::FeaturesChanged { .. })
+            block_err(&s, &mem, &d),
+            BlockError::FeaturesChanged { .. }
         ));
     }
 
@@ -455,8 +457,8 @@ mod tests {
         fn quiesce(&mut self) -> std::io::Result<()> {
             Ok(())
         }
-        fn save_device(&self) -> DeviceState {
-            unreachable!("not saved in this test")
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
         }
     }
 
@@ -464,10 +466,19 @@ mod tests {
     fn device_type_mismatch() {
         let (s, mem, _) = running_state();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let r = MmioTransport::restore_with_device(mem, irq, Box::new(Other), &s);
+        let args = MmioArgs {
+            mem,
+            irq,
+            device: Box::new(Other),
+        };
+        let r = MmioTransport::restore(args, &s.transport);
         assert!(matches!(
             r,
             Err(MmioError::DeviceType { saved: 2, given: 4 })
         ));
+        // A transport holding another device type has no block state.
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(memory(), Box::new(Other), irq);
+        assert!(persist::save::<Block>(&t).is_none());
     }
 }

@@ -1,0 +1,528 @@
+//! Wires the devices to guest ports, MMIO windows and interrupt lines,
+//! dispatches vCPU accesses to them, and saves and restores them one by one
+//! (see [`persist`]).
+
+pub mod persist;
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::{Serial, I8042};
+use devices::virtio::block::Block;
+use devices::virtio::mmio::reg::QUEUE_NOTIFY;
+use devices::virtio::{MmioTransport, VirtioRestoreError};
+use devices::Persist;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::layout::*;
+use crate::bus::{Bus, PortEffect};
+use crate::event_loop::{Drain, Subscriber};
+use crate::kvm::vm::{Vm, VmError};
+use crate::timeline::Timeline;
+use persist::{device_id, id_matches, DeviceState, SavedDevice, StatusPortState, VirtioSlotState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot open disk image {path}")]
+    OpenDisk {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up virtio-blk on {path}")]
+    Block {
+        path: String,
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot flush {id} before the snapshot")]
+    Quiesce {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot restore {id}")]
+    Restore {
+        id: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the image's device {id} is not one this VMM can rebuild ({reason})")]
+    BadDevice { id: String, reason: String },
+    #[error("the image has no disk for {0}")]
+    NoDisk(String),
+}
+
+/// A disk file that backs a restored virtio-blk device.
+pub struct DiskFile {
+    pub path: PathBuf,
+    pub file: File,
+}
+
+struct VirtioSlot {
+    id: String,
+    base: u64,
+    gsi: u32,
+    /// Shared by the vCPU threads (register accesses) and the device
+    /// thread (queue work); a request is served whole under this lock.
+    transport: Arc<Mutex<MmioTransport>>,
+    /// One per queue, signalled by KVM on a QueueNotify write of its index.
+    queue_evts: Vec<EventFd>,
+}
+
+/// The device thread's subscriber for one virtio device: serves a queue
+/// when its ioeventfd fires.
+struct QueueNotifier {
+    id: String,
+    transport: Arc<Mutex<MmioTransport>>,
+    queue_evts: Vec<EventFd>,
+}
+
+impl event_manager::MutEventSubscriber for QueueNotifier {
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        for (index, evt) in self.queue_evts.iter().enumerate() {
+            let events =
+                event_manager::Events::with_data(evt, index as u32, event_manager::EventSet::IN);
+            if let Err(e) = ops.add(events) {
+                log::error!("{}: cannot watch queue {index}'s ioeventfd: {e}", self.id);
+            }
+        }
+    }
+
+    fn process(&mut self, events: event_manager::Events, _: &mut event_manager::EventOps) {
+        let index = events.data() as usize;
+        if let Some(evt) = self.queue_evts.get(index) {
+            // Several notifications may have piled up; one pass serves them all.
+            let _ = evt.read();
+            lock(&self.transport).notify_queue(index);
+        }
+    }
+}
+
+/// All devices of one VM.
+pub struct DeviceManager {
+    serial: Mutex<Serial>,
+    i8042: Mutex<I8042>,
+    i8042_reset: EventFd,
+    virtio: Vec<VirtioSlot>,
+    /// Exit status the guest reported on STATUS_PORT, or -1.
+    status: AtomicI32,
+    timeline: Arc<Timeline>,
+}
+
+/// A poisoned lock only means another thread panicked mid-access; the
+/// device state itself is still consistent enough to go on with.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The event fds of the serial port and the i8042: their interrupt lines,
+/// and the i8042's reset line (one end for the device, one for the bus).
+struct LegacyFds {
+    serial_irq: EventFd,
+    kbd_irq: EventFd,
+    i8042_reset: EventFd,
+    reset_clone: EventFd,
+}
+
+impl LegacyFds {
+    fn new(vm: &Vm) -> Result<Self, DeviceError> {
+        let serial_irq = eventfd()?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+        let kbd_irq = eventfd()?;
+        vm.register_irqfd(&kbd_irq, I8042_IRQ)?;
+        let i8042_reset = eventfd()?;
+        let reset_clone = i8042_reset.try_clone().map_err(DeviceError::EventFd)?;
+        Ok(LegacyFds {
+            serial_irq,
+            kbd_irq,
+            i8042_reset,
+            reset_clone,
+        })
+    }
+}
+
+fn eventfd() -> Result<EventFd, DeviceError> {
+    EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)
+}
+
+/// The slot of the `index`th virtio device: its MMIO window and GSI.
+fn virtio_slot(index: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
+        VIRTIO_IRQ_BASE + index as u32,
+    )
+}
+
+fn restore_err<E>(id: &str) -> impl FnOnce(E) -> DeviceError + '_
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |e| DeviceError::Restore {
+        id: id.to_string(),
+        source: Box::new(e),
+    }
+}
+
+impl DeviceManager {
+    /// Creates the serial console (writing to `console`) and the i8042.
+    pub fn new(
+        vm: &Vm,
+        console: Box<dyn std::io::Write + Send>,
+        timeline: Arc<Timeline>,
+    ) -> Result<Self, DeviceError> {
+        Self::with_legacy(vm, timeline, -1, |serial_irq, kbd_irq, reset| {
+            Ok((Serial::new(serial_irq, console), I8042::new(kbd_irq, reset)))
+        })
+    }
+
+    /// A manager, no virtio devices yet, with the serial port and the i8042
+    /// that `make` builds from their lines (serial IRQ, keyboard IRQ, the
+    /// i8042's end of the reset line).
+    fn with_legacy(
+        vm: &Vm,
+        timeline: Arc<Timeline>,
+        status: i32,
+        make: impl FnOnce(EventFd, EventFd, EventFd) -> Result<(Serial, I8042), DeviceError>,
+    ) -> Result<Self, DeviceError> {
+        let fds = LegacyFds::new(vm)?;
+        let (serial, i8042) = make(fds.serial_irq, fds.kbd_irq, fds.reset_clone)?;
+        Ok(DeviceManager {
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(i8042),
+            i8042_reset: fds.i8042_reset,
+            virtio: Vec::new(),
+            status: AtomicI32::new(status),
+            timeline,
+        })
+    }
+
+    /// Puts a virtio transport in the next MMIO slot, with an irqfd on its
+    /// GSI and an ioeventfd on QueueNotify for each queue; returns the
+    /// slot's (base, gsi).
+    fn add_virtio(
+        &mut self,
+        vm: &Vm,
+        id: String,
+        make: impl FnOnce(EventFd) -> Result<MmioTransport, DeviceError>,
+    ) -> Result<(u64, u32), DeviceError> {
+        let (base, gsi) = virtio_slot(self.virtio.len());
+        let irq = eventfd()?;
+        vm.register_irqfd(&irq, gsi)?;
+        let transport = make(irq)?;
+        let mut queue_evts = Vec::with_capacity(transport.queue_count());
+        for index in 0..transport.queue_count() {
+            let evt = eventfd()?;
+            vm.register_mmio_ioevent(&evt, base + QUEUE_NOTIFY, index as u32)?;
+            queue_evts.push(evt);
+        }
+        self.virtio.push(VirtioSlot {
+            id,
+            base,
+            gsi,
+            transport: Arc::new(Mutex::new(transport)),
+            queue_evts,
+        });
+        Ok((base, gsi))
+    }
+
+    /// What the device thread watches: each virtio device's queue ioeventfds.
+    pub fn subscribers(&self) -> Vec<Subscriber> {
+        let mut out: Vec<Subscriber> = Vec::new();
+        for slot in &self.virtio {
+            let evts: Result<Vec<EventFd>, _> =
+                slot.queue_evts.iter().map(EventFd::try_clone).collect();
+            match evts {
+                Ok(queue_evts) => out.push(Arc::new(Mutex::new(QueueNotifier {
+                    id: slot.id.clone(),
+                    transport: slot.transport.clone(),
+                    queue_evts,
+                }))),
+                Err(e) => log::error!("{}: cannot share its ioeventfds: {e}", slot.id),
+            }
+        }
+        out
+    }
+
+    /// Adds a virtio-blk device backed by `path`; returns the kernel
+    /// command-line fragment that declares it to the guest.
+    pub fn add_block(
+        &mut self,
+        vm: &Vm,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<String, DeviceError> {
+        let name = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| DeviceError::OpenDisk {
+                path: name.clone(),
+                source,
+            })?;
+        let index = self.virtio.len();
+        let block = Block::new(file, read_only, format!("vmm-disk{index}"))
+            .map_err(|source| DeviceError::Block { path: name, source })?;
+        let mem = vm.memory().clone();
+        let (base, gsi) = self.add_virtio(vm, device_id("virtio-blk", index), |irq| {
+            Ok(MmioTransport::new(mem, Box::new(block), irq))
+        })?;
+        Ok(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
+    }
+
+    /// Makes every device's work durable (the disk's writes reach the file)
+    /// so that a snapshot of the disk agrees with the guest's page cache.
+    /// The vCPUs are paused, so no request is in flight.
+    pub fn quiesce(&self) -> Result<(), DeviceError> {
+        for slot in &self.virtio {
+            lock(&slot.transport)
+                .quiesce()
+                .map_err(|source| DeviceError::Quiesce {
+                    id: slot.id.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Reads every device's state, one entry per device; the vCPUs are
+    /// paused and the devices quiesced.
+    pub fn save(&self) -> Vec<SavedDevice> {
+        let one = |kind, state| SavedDevice {
+            id: device_id(kind, 0),
+            state,
+        };
+        let mut out = vec![
+            one("serial", DeviceState::Serial(lock(&self.serial).save())),
+            one("i8042", DeviceState::I8042(lock(&self.i8042).save())),
+            one(
+                "status-port",
+                DeviceState::StatusPort(StatusPortState {
+                    status: self.status.load(Ordering::Acquire),
+                }),
+            ),
+        ];
+        for slot in &self.virtio {
+            let transport = lock(&slot.transport);
+            let state = if let Some(virtio) = devices::virtio::persist::save::<Block>(&transport) {
+                DeviceState::VirtioBlock(VirtioSlotState {
+                    base: slot.base,
+                    gsi: slot.gsi,
+                    virtio,
+                })
+            } else {
+                // Only block devices exist today; a new type gets its arm above.
+                log::error!("{}: a virtio device of unknown type is not saved", slot.id);
+                continue;
+            };
+            out.push(SavedDevice {
+                id: slot.id.clone(),
+                state,
+            });
+        }
+        out
+    }
+
+    /// The disk image behind each virtio-blk device, by device id.
+    pub fn disks(&self) -> Vec<(String, PathBuf)> {
+        self.virtio
+            .iter()
+            .filter_map(|slot| {
+                let t = lock(&slot.transport);
+                let b = t.device().as_any().downcast_ref::<Block>()?;
+                Some((slot.id.clone(), b.path().to_path_buf()))
+            })
+            .collect()
+    }
+
+    /// Rebuilds the devices from their saved states. `disks` holds, by
+    /// device id, the file that now backs each virtio-blk device.
+    pub fn restore(
+        vm: &Vm,
+        saved: &[SavedDevice],
+        console: Box<dyn std::io::Write + Send>,
+        timeline: Arc<Timeline>,
+        mut disks: HashMap<String, DiskFile>,
+    ) -> Result<Self, DeviceError> {
+        let missing = |kind: &str| DeviceError::BadDevice {
+            id: device_id(kind, 0),
+            reason: "the image does not have it".into(),
+        };
+        for d in saved {
+            if !id_matches(&d.id, &d.state) {
+                return Err(DeviceError::BadDevice {
+                    id: d.id.clone(),
+                    reason: format!("its state is a {}'s", d.state.kind()),
+                });
+            }
+        }
+        let serial_state = saved
+            .iter()
+            .find_map(|d| match &d.state {
+                DeviceState::Serial(s) => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| missing("serial"))?;
+        let i8042_state = saved
+            .iter()
+            .find_map(|d| match &d.state {
+                DeviceState::I8042(s) => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| missing("i8042"))?;
+        let status = saved
+            .iter()
+            .find_map(|d| match &d.state {
+                DeviceState::StatusPort(s) => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| missing("status-port"))?;
+        let mut dm =
+            Self::with_legacy(vm, timeline, status.status, |serial_irq, kbd_irq, reset| {
+                let serial = Serial::restore((serial_irq, console), serial_state)
+                    .map_err(restore_err("serial/0"))?;
+                let i8042 = I8042::restore((kbd_irq, reset), i8042_state)
+                    .map_err(restore_err("i8042/0"))?;
+                Ok((serial, i8042))
+            })?;
+        for d in saved {
+            let DeviceState::VirtioBlock(slot) = &d.state else {
+                continue;
+            };
+            let index = dm.virtio.len();
+            if (slot.base, slot.gsi) != virtio_slot(index) {
+                return Err(DeviceError::BadDevice {
+                    id: d.id.clone(),
+                    reason: format!(
+                        "virtio device {index} at {:#x} on GSI {}, expected {:x?}",
+                        slot.base,
+                        slot.gsi,
+                        virtio_slot(index)
+                    ),
+                });
+            }
+            let disk = disks
+                .remove(&d.id)
+                .ok_or_else(|| DeviceError::NoDisk(d.id.clone()))?;
+            let mut state = slot.virtio.clone();
+            state.device.path = disk.path;
+            let mem = vm.memory().clone();
+            let id = d.id.clone();
+            dm.add_virtio(vm, d.id.clone(), |irq| {
+                devices::virtio::persist::restore::<Block>(mem, irq, disk.file, &state).map_err(
+                    |e| match e {
+                        VirtioRestoreError::Device(source) => DeviceError::Restore { id, source },
+                        VirtioRestoreError::Transport(e) => restore_err(&id)(e),
+                    },
+                )
+            })?;
+        }
+        if let Some(id) = disks.keys().next() {
+            return Err(DeviceError::BadDevice {
+                id: id.clone(),
+                reason: "the image has its disk but not the device".into(),
+            });
+        }
+        Ok(dm)
+    }
+
+    /// Feeds console input to the serial port; returns how many bytes it took.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        lock(&self.serial).enqueue_input(bytes).unwrap_or(0)
+    }
+
+    /// The exit status the guest reported, if it did.
+    pub fn exit_status(&self) -> Option<u8> {
+        u8::try_from(self.status.load(Ordering::Acquire)).ok()
+    }
+
+    fn virtio_at(&self, addr: u64) -> Option<(&VirtioSlot, u64)> {
+        self.virtio
+            .iter()
+            .find(|s| addr >= s.base && addr < s.base + VIRTIO_MMIO_SIZE)
+            .map(|s| (s, addr - s.base))
+    }
+}
+
+impl Drain for DeviceManager {
+    /// Serves whatever the virtio queues hold (see `MmioTransport::drain`).
+    fn drain(&self) {
+        for slot in &self.virtio {
+            lock(&slot.transport).drain();
+        }
+    }
+}
+
+impl Bus for DeviceManager {
+    fn pio_in(&self, port: u16, data: &mut [u8]) {
+        match port {
+            p if (COM1_PORT..COM1_PORT + 8).contains(&p) && data.len() == 1 => {
+                let mut s = lock(&self.serial);
+                data[0] = s.read((p - COM1_PORT) as u8);
+            }
+            I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
+                let mut k = lock(&self.i8042);
+                data[0] = k.read(port);
+            }
+            // Nothing there: the bus floats high.
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn pio_out(&self, port: u16, data: &[u8]) -> PortEffect {
+        match port {
+            p if (COM1_PORT..COM1_PORT + 8).contains(&p) => {
+                if p == COM1_PORT {
+                    self.timeline.console_output();
+                }
+                let mut s = lock(&self.serial);
+                for b in data {
+                    s.write((p - COM1_PORT) as u8, *b);
+                }
+                PortEffect::None
+            }
+            I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
+                lock(&self.i8042).write(port, data[0]);
+                // The i8042 signals a CPU reset through its eventfd.
+                if self.i8042_reset.read().is_ok() {
+                    PortEffect::Reset
+                } else {
+                    PortEffect::None
+                }
+            }
+            // The guest's last word: the agent has synced the disk and
+            // drained the console, so the VM ends here rather than after a
+            // reboot whose messages would mix with the command's output.
+            STATUS_PORT if !data.is_empty() => {
+                self.status.store(i32::from(data[0]), Ordering::Release);
+                PortEffect::Reset
+            }
+            PROGRESS_PORT => {
+                self.timeline.agent_started();
+                PortEffect::None
+            }
+            _ => PortEffect::None,
+        }
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.virtio_at(addr) {
+            Some((slot, off)) => lock(&slot.transport).read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((slot, off)) = self.virtio_at(addr) {
+            lock(&slot.transport).write(off, data)
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! What reaches the VMM's main thread: a vCPU that stops the VM, or a
+//! request from the API, and the typed requests themselves.
+//!
+//! The snapshot request is one typed struct: `vmm snapshot` builds it from
+//! its arguments (compression parsed by clap), sends it as JSON, and the API
+//! parses it back with serde, so a bad value is refused before the VM is
+//! touched.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+
+use serde::{Deserialize, Serialize};
+use snapshot::Compression;
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest reset the machine (i8042 pulse, `reboot`) or reported its
+    /// exit status: the normal way out.
+    GuestReset,
+    /// A triple fault or KVM_SYSTEM_EVENT shutdown.
+    GuestShutdown(String),
+    /// Asked for through the API.
+    Requested,
+    /// The VM cannot go on.
+    Failed(String),
+}
+
+/// An event for the main thread.
+pub enum VmEvent {
+    /// The VM must stop.
+    Stop(StopReason),
+    /// An API request; the answer goes back on `reply`.
+    Request {
+        request: ApiRequest,
+        reply: Sender<Result<serde_json::Value, String>>,
+    },
+}
+
+pub enum ApiRequest {
+    Pause,
+    Resume,
+    Snapshot(SnapshotRequest),
+}
+
+/// Where a snapshot image goes.
+pub enum SnapshotTarget {
+    /// A file, written atomically (temporary file, fsync, rename).
+    Path(PathBuf),
+    /// A stream (the API response body), written as it is produced.
+    Stream(Box<dyn Write + Send>),
+}
+
+/// A snapshot to take, as the main thread receives it.
+pub struct SnapshotRequest {
+    pub target: SnapshotTarget,
+    pub options: SnapshotOptions,
+}
+
+/// How to take a snapshot: `vmm snapshot`'s flags and the JSON fields of
+/// `PUT /vm/snapshot` alike.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+pub struct SnapshotOptions {
+    /// End the VM once the image is safely written.
+    #[arg(long)]
+    #[serde(default)]
+    pub stop: bool,
+    /// none, zstd or zstd:LEVEL (1 to 19).
+    #[arg(long, default_value = "zstd:1")]
+    #[serde(default = "default_compression")]
+    pub compress: Compression,
+    /// Record the disk's path and fingerprint instead of its contents.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_disk: bool,
+}
+
+fn default_compression() -> Compression {
+    Compression::Zstd(1)
+}
+
+/// The body of `PUT /vm/snapshot`: a destination and the options.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotBody {
+    /// An absolute path on the VMM's host to write the image to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Send the image as the response body instead.
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stop: bool,
+    #[serde(default = "default_compression")]
+    pub compress: Compression,
+    #[serde(default)]
+    pub no_disk: bool,
+}
+
+impl SnapshotBody {
+    pub fn new(path: Option<PathBuf>, options: SnapshotOptions) -> Self {
+        SnapshotBody {
+            stream: path.is_none(),
+            path,
+            stop: options.stop,
+            compress: options.compress,
+            no_disk: options.no_disk,
+        }
+    }
+
+    pub fn options(&self) -> SnapshotOptions {
+        SnapshotOptions {
+            stop: self.stop,
+            compress: self.compress,
+            no_disk: self.no_disk,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_round_trips_and_refuses_bad_values() {
+        let opts = SnapshotOptions {
+            stop: true,
+            compress: Compression::Zstd(3),
+            no_disk: false,
+        };
+        let body = SnapshotBody::new(Some("/x/img".into()), opts.clone());
+        let text = serde_json::to_string(&body).unwrap();
+        assert!(text.contains("\"zstd:3\""), "{text}");
+        let back: SnapshotBody = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, body);
+        assert_eq!(back.options(), opts);
+        let empty: SnapshotBody = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty.compress, Compression::Zstd(1));
+        let e = serde_json::from_str::<SnapshotBody>(r#"{"compress":"bogus"}"#).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        assert!(serde_json::from_str::<SnapshotBody>(r#"{"typo":1}"#).is_err());
+    }
+}

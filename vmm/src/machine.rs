@@ -1,0 +1,460 @@
+//! The one owner of a VM's lifecycle: its KVM VM and memory, its vCPU
+//! threads, its devices and its configuration.
+//!
+//! ```text
+//!   boot ──▶ Created ──resume──▶ Running ◀──resume── Paused ◀── restore
+//!                                   │ └─────pause─────▶ ▲
+//!                                   └─────── shutdown (from any) ──▶ Exited
+//! ```
+//!
+//! A machine is built (booted or restored) with its vCPU threads started
+//! but paused: nothing runs until [`Machine::resume`]. [`Machine::save_state`]
+//! is allowed only while nothing runs; writing the image is a separate step
+//! ([`crate::image::write`]) that takes the state and the memory.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use crate::arch::cpuid::CpuTemplate;
+use crate::arch::{loader, regs};
+use crate::boot::{build_cmdline, ConfigError, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager, DiskFile};
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::events::VmEvent;
+use crate::host::{self, HostError};
+use crate::image::{ImageError, ImageIn};
+use crate::kvm::persist::{self, PersistError};
+use crate::kvm::vcpu::{Vcpu, VcpuError};
+use crate::kvm::vm::{Vm, VmError};
+use crate::memory::GuestRam;
+use crate::state::{MachineConfig, MachineState};
+use crate::timeline::Timeline;
+use crate::vcpu::{VcpuContext, VcpuHandle, VcpuThreadError};
+
+/// Where a machine is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Booted, never run.
+    Created,
+    Running,
+    Paused,
+    /// Its vCPU threads have ended; it cannot run again.
+    Exited,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("cannot {action} a VM that is {state:?}")]
+    Transition {
+        action: &'static str,
+        state: Lifecycle,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    VcpuThread(#[from] VcpuThreadError),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    #[error("cannot write boot tables into guest memory: {0}")]
+    BootTables(String),
+    #[error("cannot read the VM's KVM state")]
+    Save(#[source] PersistError),
+    #[error("cannot put the image's KVM state back")]
+    Restore(#[source] PersistError),
+    #[error("KVM_GET_SUPPORTED_CPUID failed")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// A VM and everything it owns.
+pub struct Machine {
+    /// Declared first: vCPU threads end before the VM and its memory go.
+    vcpus: Vec<VcpuHandle>,
+    /// The device thread; paused whenever the vCPUs are.
+    event_loop: EventLoop,
+    devices: Arc<DeviceManager>,
+    vm: Vm,
+    config: MachineConfig,
+    timeline: Arc<Timeline>,
+    lifecycle: Lifecycle,
+}
+
+impl Machine {
+    /// Builds a VM that boots `cfg.kernel` from its first instruction.
+    /// `events` receives the vCPUs' stop reports; the console is the
+    /// serial port's output.
+    pub fn boot(
+        cfg: &VmConfig,
+        console: Box<dyn std::io::Write + Send>,
+        events: Sender<VmEvent>,
+        timeline: Arc<Timeline>,
+    ) -> Result<Self, MachineError> {
+        cfg.validate()?;
+        let template = CpuTemplate::detect();
+        log::info!("CPU template: {template:?}");
+        let vm = Vm::new(cfg.mem_mib)?;
+        let kernel = loader::load_kernel(vm.memory(), &cfg.kernel)?;
+        regs::write_boot_tables(vm.memory())
+            .map_err(|e| MachineError::BootTables(e.to_string()))?;
+
+        let mut devices = DeviceManager::new(&vm, console, timeline.clone())?;
+        let mut device_args = Vec::new();
+        if let Some(rootfs) = &cfg.rootfs {
+            device_args.push(devices.add_block(&vm, rootfs, false)?);
+        }
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        for id in 0..cfg.vcpus {
+            let entry = (id == 0).then_some(kernel.entry);
+            vcpus.push(Vcpu::new(&vm, id, cfg.vcpus, template, entry)?);
+        }
+        let cmdline = build_cmdline(cfg, template, vcpus[0].tsc_khz(), &device_args)?;
+        log::info!("kernel command line: {cmdline}");
+        loader::configure_boot(
+            vm.memory(),
+            &kernel,
+            &cmdline,
+            cfg.initrd.as_deref(),
+            cfg.vcpus,
+        )?;
+        let config = MachineConfig {
+            mem_mib: cfg.mem_mib,
+            vcpus: cfg.vcpus,
+            template,
+            kernel: cfg.kernel.display().to_string(),
+            expects_status: !cfg.command.is_empty(),
+        };
+        Self::assemble(
+            vm,
+            devices,
+            vcpus,
+            config,
+            events,
+            timeline,
+            Lifecycle::Created,
+        )
+    }
+
+    /// Reads an image from `from` and builds the VM it describes, paused.
+    /// Its disks are materialized in `disk_dir`.
+    pub fn restore(
+        from: Box<dyn Read>,
+        disk_dir: &Path,
+        console: Box<dyn std::io::Write + Send>,
+        events: Sender<VmEvent>,
+        timeline: Arc<Timeline>,
+    ) -> Result<Self, MachineError> {
+        let image = ImageIn::open(from)?;
+        let vm = Vm::new(image.state().config.mem_mib)?;
+        let supported = vm
+            .kvm()
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(MachineError::SupportedCpuid)?;
+        host::check(image.header(), image.state(), supported.as_slice())?;
+        let (state, disks) = image.read_contents(vm.ram(), disk_dir)?;
+        Self::from_state(vm, &state, disks, console, events, timeline)
+    }
+
+    /// Builds a paused machine from `state` in `vm`, whose memory already
+    /// holds the guest's.
+    ///
+    /// Order: KVM's VM-wide state (PIC, IOAPIC, PIT, kvmclock) before any
+    /// vCPU, so the vCPUs' LAPICs attach to restored interrupt controllers;
+    /// devices before vCPUs, so a device that re-raises a pending interrupt
+    /// finds its irqfd routed; each vCPU in the order of
+    /// [`crate::kvm::persist`].
+    pub fn from_state(
+        vm: Vm,
+        state: &MachineState,
+        disks: HashMap<String, DiskFile>,
+        console: Box<dyn std::io::Write + Send>,
+        events: Sender<VmEvent>,
+        timeline: Arc<Timeline>,
+    ) -> Result<Self, MachineError> {
+        persist::restore_vm(vm.fd(), &state.vm).map_err(MachineError::Restore)?;
+        let devices =
+            DeviceManager::restore(&vm, &state.devices, console, timeline.clone(), disks)?;
+        let vcpus = state
+            .vcpus
+            .iter()
+            .map(|s| Vcpu::restore(&vm, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::assemble(
+            vm,
+            devices,
+            vcpus,
+            state.config.clone(),
+            events,
+            timeline,
+            Lifecycle::Paused,
+        )
+    }
+
+    /// Starts a (paused) thread for each vCPU.
+    fn assemble(
+        vm: Vm,
+        devices: DeviceManager,
+        vcpus: Vec<Vcpu>,
+        config: MachineConfig,
+        events: Sender<VmEvent>,
+        timeline: Arc<Timeline>,
+        lifecycle: Lifecycle,
+    ) -> Result<Self, MachineError> {
+        let devices = Arc::new(devices);
+        let event_loop = EventLoop::start(devices.subscribers(), devices.clone())?;
+        if lifecycle != Lifecycle::Created {
+            // Nothing runs in a restored machine until it is resumed.
+            event_loop.pause()?;
+        }
+        let ctx = Arc::new(VcpuContext {
+            bus: devices.clone(),
+            memory: vm.memory().clone(),
+            events,
+            timeline: timeline.clone(),
+        });
+        let vcpus = vcpus
+            .into_iter()
+            .map(|v| VcpuHandle::spawn(v, ctx.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Machine {
+            vcpus,
+            event_loop,
+            devices,
+            vm,
+            config,
+            timeline,
+            lifecycle,
+        })
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
+    }
+
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    pub fn devices(&self) -> &Arc<DeviceManager> {
+        &self.devices
+    }
+
+    pub fn timeline(&self) -> &Arc<Timeline> {
+        &self.timeline
+    }
+
+    /// Guest memory, for the image writer: read it only while nothing runs.
+    pub fn ram(&self) -> &GuestRam {
+        self.vm.ram()
+    }
+
+    /// The disk behind each virtio-blk device, by device id.
+    pub fn disks(&self) -> Vec<(String, PathBuf)> {
+        self.devices.disks()
+    }
+
+    fn refuse(&self, action: &'static str) -> MachineError {
+        MachineError::Transition {
+            action,
+            state: self.lifecycle,
+        }
+    }
+
+    /// Runs a created or paused machine: devices first, so a vCPU never
+    /// notifies a device that cannot answer.
+    pub fn resume(&mut self) -> Result<(), MachineError> {
+        if !matches!(self.lifecycle, Lifecycle::Created | Lifecycle::Paused) {
+            return Err(self.refuse("resume"));
+        }
+        if self.lifecycle == Lifecycle::Paused {
+            self.event_loop.resume()?;
+        }
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        self.lifecycle = Lifecycle::Running;
+        Ok(())
+    }
+
+    /// Takes every vCPU out of KVM_RUN with its pending I/O finished, then
+    /// drains and parks the devices: after the vCPUs, so no new request
+    /// arrives while they drain.
+    pub fn pause(&mut self) -> Result<(), MachineError> {
+        if self.lifecycle != Lifecycle::Running {
+            return Err(self.refuse("pause"));
+        }
+        // Marked paused before asking: if a vCPU fails to answer, the
+        // others are paused already and a resume brings them back.
+        self.lifecycle = Lifecycle::Paused;
+        for v in &self.vcpus {
+            v.pause()?;
+        }
+        self.event_loop.pause()?;
+        Ok(())
+    }
+
+    /// Captures the state of a machine that is not running.
+    ///
+    /// Order, and why:
+    /// 1. Quiesce the devices: the disk's writes reach its file, so a copy
+    ///    of the disk agrees with the guest's page cache.
+    /// 2. The vCPUs (each in the order of [`crate::kvm::persist`]).
+    /// 3. KVM's VM-wide state, after the vCPUs: kvmclock is read as late as
+    ///    possible, so the restored guest's clock jumps the least.
+    /// 4. The devices last: a device may still raise an interrupt (console
+    ///    input arrives while paused); its saved state then holds the cause,
+    ///    and its restore raises the interrupt again, so none is lost even
+    ///    if the interrupt controllers were read before it.
+    pub fn save_state(&self) -> Result<MachineState, MachineError> {
+        if !matches!(self.lifecycle, Lifecycle::Created | Lifecycle::Paused) {
+            return Err(self.refuse("save"));
+        }
+        self.devices.quiesce()?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save)
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = persist::save_vm(self.vm.fd()).map_err(MachineError::Save)?;
+        Ok(MachineState {
+            config: self.config.clone(),
+            vm,
+            vcpus,
+            devices: self.devices.save(),
+        })
+    }
+
+    /// Ends every vCPU thread and the device thread; the machine cannot
+    /// run again.
+    pub fn shutdown(&mut self) {
+        for v in &mut self.vcpus {
+            v.exit();
+        }
+        self.event_loop.stop();
+        self.lifecycle = Lifecycle::Exited;
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if self.lifecycle != Lifecycle::Exited {
+            self.shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_vm;
+    use std::sync::mpsc;
+
+    fn config() -> MachineConfig {
+        MachineConfig {
+            mem_mib: 16,
+            vcpus: 1,
+            template: CpuTemplate::detect(),
+            kernel: "spin".into(),
+            expects_status: false,
+        }
+    }
+
+    /// A created machine whose one vCPU spins on `jmp $`.
+    fn spinning(events: Sender<VmEvent>) -> Machine {
+        let vm = test_vm::vm();
+        let vcpu = test_vm::vcpu(&vm);
+        let timeline = test_vm::timeline();
+        let devices = DeviceManager::new(&vm, Box::new(std::io::sink()), timeline.clone()).unwrap();
+        Machine::assemble(
+            vm,
+            devices,
+            vec![vcpu],
+            config(),
+            events,
+            timeline,
+            Lifecycle::Created,
+        )
+        .unwrap()
+    }
+
+    fn refused(r: Result<impl Sized, MachineError>, what: &str, in_state: Lifecycle) {
+        match r {
+            Err(MachineError::Transition { action, state }) => {
+                assert_eq!((action, state), (what, in_state))
+            }
+            Err(e) => panic!("{what} failed otherwise: {e}"),
+            Ok(_) => panic!("{what} was allowed while {in_state:?}"),
+        }
+    }
+
+    #[test]
+    fn lifecycle_transitions_are_checked() {
+        let (events, _stops) = mpsc::channel();
+        let mut m = spinning(events);
+        assert_eq!(m.lifecycle(), Lifecycle::Created);
+        refused(m.pause(), "pause", Lifecycle::Created);
+        // A machine that never ran can be saved: it is its boot state.
+        assert_eq!(m.save_state().unwrap().vcpus[0].regs.rip, test_vm::SPIN_AT);
+
+        m.resume().unwrap();
+        assert_eq!(m.lifecycle(), Lifecycle::Running);
+        refused(m.resume(), "resume", Lifecycle::Running);
+        refused(m.save_state(), "save", Lifecycle::Running);
+
+        m.pause().unwrap();
+        refused(m.pause(), "pause", Lifecycle::Paused);
+        let s = m.save_state().unwrap();
+        assert_eq!(s.vcpus.len(), 1);
+        assert_eq!(s.vcpus[0].regs.rip, test_vm::SPIN_AT);
+        let kinds: Vec<&str> = s.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(kinds, ["serial/0", "i8042/0", "status-port/0"]);
+
+        m.resume().unwrap();
+        m.shutdown();
+        assert_eq!(m.lifecycle(), Lifecycle::Exited);
+        refused(m.resume(), "resume", Lifecycle::Exited);
+        refused(m.save_state(), "save", Lifecycle::Exited);
+    }
+
+    #[test]
+    fn a_restored_machine_is_paused_until_resumed() {
+        let (events, _stops) = mpsc::channel();
+        let mut m = spinning(events.clone());
+        m.resume().unwrap();
+        m.pause().unwrap();
+        let state = m.save_state().unwrap();
+        m.shutdown();
+
+        // The new VM's memory holds the guest's, as an image's would.
+        let vm = test_vm::vm();
+        let mut r = Machine::from_state(
+            vm,
+            &state,
+            HashMap::new(),
+            Box::new(std::io::sink()),
+            events,
+            test_vm::timeline(),
+        )
+        .unwrap();
+        assert_eq!(r.lifecycle(), Lifecycle::Paused);
+        assert_eq!(r.save_state().unwrap().vcpus[0].regs.rip, test_vm::SPIN_AT);
+        r.resume().unwrap();
+        r.pause().unwrap();
+        let again = r.save_state().unwrap();
+        assert_eq!(again.vcpus[0].regs.rip, test_vm::SPIN_AT);
+        assert_eq!(again.vcpus[0].sregs.cr3, state.vcpus[0].sregs.cr3);
+    }
+}
