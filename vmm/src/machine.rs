@@ -66,8 +66,8 @@ pub enum MachineError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Loader(#[from] loader::LoaderError),
-    #[error("cannot write boot tables into guest memory: {0}")]
-    BootTables(String),
+    #[error("cannot write boot tables into guest memory")]
+    BootTables(#[source] vm_memory::GuestMemoryError),
     #[error("cannot read the VM's KVM state")]
     Save(#[source] PersistError),
     #[error("cannot put the image's KVM state back")]
@@ -108,8 +108,7 @@ impl Machine {
         log::info!("CPU template: {template:?}");
         let vm = Vm::new(cfg.mem_mib)?;
         let kernel = loader::load_kernel(vm.memory(), &cfg.kernel)?;
-        regs::write_boot_tables(vm.memory())
-            .map_err(|e| MachineError::BootTables(e.to_string()))?;
+        regs::write_boot_tables(vm.memory()).map_err(MachineError::BootTables)?;
 
         let mut devices = DeviceManager::new(&vm, console, timeline.clone())?;
         let mut device_args = Vec::new();

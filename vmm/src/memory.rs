@@ -15,8 +15,12 @@ use crate::arch::layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
-    Allocate { mib: u64, reason: String },
+    #[error("cannot allocate {mib} MiB of guest memory")]
+    Allocate {
+        mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
     #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} failed")]
     Slot {
         slot: u32,
@@ -38,10 +42,8 @@ impl GuestRam {
             .into_iter()
             .map(|(a, l)| (GuestAddress(a), l as usize))
             .collect();
-        let mmap = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Allocate {
-            mib,
-            reason: e.to_string(),
-        })?;
+        let mmap = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|source| MemoryError::Allocate { mib, source })?;
         Ok(GuestRam { mmap, mib })
     }
 

@@ -24,7 +24,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::bus::Bus;
 use crate::events::{StopReason, VmEvent};
-use crate::kvm::persist::VcpuState;
+use crate::kvm::persist::{PersistError, VcpuState};
 use crate::kvm::vcpu::{kick_signal, RunOutcome, Vcpu};
 use crate::timeline::Timeline;
 
@@ -61,7 +61,7 @@ pub enum VcpuResponse {
     /// The request is not allowed in the thread's current state.
     NotAllowed(VcpuRequest, RunState),
     /// Saving failed.
-    SaveFailed(String),
+    SaveFailed(Box<PersistError>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +78,12 @@ pub enum VcpuThreadError {
     },
     #[error("vCPU {id} answered {request:?} with something else")]
     Protocol { id: u8, request: VcpuRequest },
-    #[error("vCPU {id}: {reason}")]
-    Save { id: u8, reason: String },
+    #[error("cannot save vCPU {id}")]
+    Save {
+        id: u8,
+        #[source]
+        source: Box<PersistError>,
+    },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(String),
     #[error("cannot start the thread of vCPU {id}")]
@@ -214,9 +218,9 @@ impl VcpuHandle {
     pub fn save(&self) -> Result<VcpuState, VcpuThreadError> {
         match self.request(VcpuRequest::Save)? {
             VcpuResponse::Saved(s) => Ok(*s),
-            VcpuResponse::SaveFailed(reason) => Err(VcpuThreadError::Save {
+            VcpuResponse::SaveFailed(source) => Err(VcpuThreadError::Save {
                 id: self.id,
-                reason,
+                source,
             }),
             _ => Err(VcpuThreadError::Protocol {
                 id: self.id,
@@ -289,7 +293,7 @@ impl VcpuThread {
             VcpuRequest::Save => {
                 self.answer(match self.vcpu.save() {
                     Ok(s) => VcpuResponse::Saved(Box::new(s)),
-                    Err(e) => VcpuResponse::SaveFailed(e.to_string()),
+                    Err(e) => VcpuResponse::SaveFailed(Box::new(e)),
                 });
                 RunState::Paused
             }

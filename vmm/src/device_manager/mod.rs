@@ -161,6 +161,21 @@ fn virtio_slot(index: usize) -> (u64, u32) {
     )
 }
 
+/// The state of the one device of `kind` that every VM has.
+fn the_one<'a, T>(
+    saved: &'a [SavedDevice],
+    kind: &str,
+    pick: impl Fn(&'a DeviceState) -> Option<&'a T>,
+) -> Result<&'a T, DeviceError> {
+    saved
+        .iter()
+        .find_map(|d| pick(&d.state))
+        .ok_or_else(|| DeviceError::BadDevice {
+            id: device_id(kind, 0),
+            reason: "the image does not have it".into(),
+        })
+}
+
 fn restore_err<E>(id: &str) -> impl FnOnce(E) -> DeviceError + '_
 where
     E: std::error::Error + Send + Sync + 'static,
@@ -352,10 +367,6 @@ impl DeviceManager {
         timeline: Arc<Timeline>,
         mut disks: HashMap<String, DiskFile>,
     ) -> Result<Self, DeviceError> {
-        let missing = |kind: &str| DeviceError::BadDevice {
-            id: device_id(kind, 0),
-            reason: "the image does not have it".into(),
-        };
         for d in saved {
             if !id_matches(&d.id, &d.state) {
                 return Err(DeviceError::BadDevice {
@@ -364,27 +375,18 @@ impl DeviceManager {
                 });
             }
         }
-        let serial_state = saved
-            .iter()
-            .find_map(|d| match &d.state {
-                DeviceState::Serial(s) => Some(s),
-                _ => None,
-            })
-            .ok_or_else(|| missing("serial"))?;
-        let i8042_state = saved
-            .iter()
-            .find_map(|d| match &d.state {
-                DeviceState::I8042(s) => Some(s),
-                _ => None,
-            })
-            .ok_or_else(|| missing("i8042"))?;
-        let status = saved
-            .iter()
-            .find_map(|d| match &d.state {
-                DeviceState::StatusPort(s) => Some(s),
-                _ => None,
-            })
-            .ok_or_else(|| missing("status-port"))?;
+        let serial_state = the_one(saved, "serial", |s| match s {
+            DeviceState::Serial(s) => Some(s),
+            _ => None,
+        })?;
+        let i8042_state = the_one(saved, "i8042", |s| match s {
+            DeviceState::I8042(s) => Some(s),
+            _ => None,
+        })?;
+        let status = the_one(saved, "status-port", |s| match s {
+            DeviceState::StatusPort(s) => Some(s),
+            _ => None,
+        })?;
         let mut dm =
             Self::with_legacy(vm, timeline, status.status, |serial_irq, kbd_irq, reset| {
                 let serial = Serial::restore((serial_irq, console), serial_state)
