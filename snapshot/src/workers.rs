@@ -135,19 +135,22 @@ fn with_workers<C: Send, J: Send, O>(
     std::thread::scope(|s| {
         for mut ctx in contexts {
             let (job_rx, stop, work, report) = (&job_rx, &stop, &work, &report);
-            s.spawn(move || {
-                while let Ok((i, job)) = lock(job_rx).recv() {
-                    // After an error, jobs still queued are taken and
-                    // dropped, so this thread is never stuck handing out.
-                    if stop.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    // A panicking job must still answer, or this thread
-                    // could wait for its result forever.
-                    let r = catch_unwind(AssertUnwindSafe(|| work(&mut ctx, job)))
-                        .unwrap_or(Err(SnapshotError::Usage("a worker thread panicked")));
-                    report(i, r, stop);
+            s.spawn(move || loop {
+                // The queue's lock is held for the take only: a guard in
+                // a `while let` head would live through the job and let
+                // one worker run at a time.
+                let next = lock(job_rx).recv();
+                let Ok((i, job)) = next else { break };
+                // After an error, jobs still queued are taken and dropped,
+                // so this thread is never stuck handing out.
+                if stop.load(Ordering::Relaxed) {
+                    continue;
                 }
+                // A panicking job must still answer, or this thread could
+                // wait for its result forever.
+                let r = catch_unwind(AssertUnwindSafe(|| work(&mut ctx, job)))
+                    .unwrap_or(Err(SnapshotError::Usage("a worker thread panicked")));
+                report(i, r, stop);
             });
         }
         let r = main(&job_tx, &stop);
