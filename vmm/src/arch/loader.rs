@@ -24,8 +24,12 @@ pub enum LoaderError {
     },
     #[error("{path} is not a kernel image this VMM can boot (neither an x86_64 ELF vmlinux nor a bzImage)")]
     NotAKernel { path: String },
-    #[error("cannot load kernel {path}: {reason}")]
-    LoadKernel { path: String, reason: String },
+    #[error("cannot load kernel {path}")]
+    LoadKernel {
+        path: String,
+        #[source]
+        source: loader::Error,
+    },
     #[error("cannot read initrd {path}: {source}")]
     Initrd {
         path: String,
@@ -33,8 +37,10 @@ pub enum LoaderError {
     },
     #[error("initrd {path} ({size} bytes) does not fit in guest memory below the kernel's limit")]
     InitrdTooLarge { path: String, size: u64 },
-    #[error("kernel command line is too long or invalid: {0}")]
-    Cmdline(String),
+    #[error("kernel command line is too long or invalid")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("cannot write the kernel command line into guest memory")]
+    WriteCmdline(#[source] loader::Error),
     #[error("cannot write boot data into guest memory: {0}")]
     GuestMemory(String),
 }
@@ -58,9 +64,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
         .map_err(|_| LoaderError::NotAKernel { path: name.clone() })?;
     if &magic == b"\x7fELF" {
         let r = loader::elf::Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(|e| LoaderError::LoadKernel {
+            .map_err(|source| LoaderError::LoadKernel {
                 path: name.clone(),
-                reason: e.to_string(),
+                source,
             })?;
         return Ok(LoadedKernel {
             entry: r.kernel_load.raw_value(),
@@ -78,10 +84,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
         Err(loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)) => {
             Err(LoaderError::NotAKernel { path: name })
         }
-        Err(e) => Err(LoaderError::LoadKernel {
-            path: name,
-            reason: e.to_string(),
-        }),
+        Err(source) => Err(LoaderError::LoadKernel { path: name, source }),
     }
 }
 
@@ -97,11 +100,10 @@ pub fn configure_boot(
     initrd: Option<&Path>,
     vcpu_count: u8,
 ) -> Result<(), LoaderError> {
-    let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| LoaderError::Cmdline(e.to_string()))?;
-    cl.insert_str(cmdline)
-        .map_err(|e| LoaderError::Cmdline(e.to_string()))?;
+    let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(LoaderError::Cmdline)?;
+    cl.insert_str(cmdline).map_err(LoaderError::Cmdline)?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
-        .map_err(|e| LoaderError::Cmdline(e.to_string()))?;
+        .map_err(LoaderError::WriteCmdline)?;
 
     mem.write_slice(
         &super::mptable::build(vcpu_count),
