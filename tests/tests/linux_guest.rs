@@ -195,7 +195,7 @@ fn linux_runs_a_container_command_on_2_vcpus() {
     }
     let s = Scratch::new("linux-cmd");
     let rootfs = rootfs_copy(&s.0);
-    let o = run_vmm(
+    let mut vm = Running::spawn(
         &[
             "run",
             "--vcpus",
@@ -205,11 +205,43 @@ fn linux_runs_a_container_command_on_2_vcpus() {
             "--",
             "sh",
             "-c",
-            "nproc; uname -r; cat /proc/1/comm; (sleep 0.1 &); exit 7",
+            "echo $(date +%s) $(cut -d' ' -f1 /proc/uptime); nproc; uname -r; cat /proc/1/comm; (sleep 0.1 &); exit 7",
         ],
-        b"",
-        BOOT_TIMEOUT,
+        &s.0,
     );
+    // The guest's wall clock comes from the RTC at boot: compare it with
+    // the host's the moment the guest prints it (with its uptime).
+    let started = std::time::Instant::now();
+    let printed_date = |o: &str| -> Option<(f64, f64)> {
+        let (line, _) = o.split_once('\n')?;
+        let mut w = line.split_whitespace();
+        Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+    };
+    assert!(
+        vm.wait_for(BOOT_TIMEOUT, |o| printed_date(o).is_some()),
+        "no date:\n{}\n{}",
+        vm.output(),
+        vm.stderr()
+    );
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let (guest, uptime) = printed_date(&vm.output()).unwrap();
+    let lag = host - guest;
+    // Without an RTC the guest starts in 1970. With it, the guest is behind
+    // by what its clock loses while the interpreted kernel boots (measured
+    // 6-10 s over a 90 s boot here); the agent setting the clock from the
+    // host is the agent issue's.
+    eprintln!(
+        "guest clock {lag:.1} s behind the host; guest uptime {uptime:.1} s, host time since start {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        (-2.0..=30.0).contains(&lag),
+        "guest time {guest}, host time {host:.1}: the RTC is off"
+    );
+    let o = vm.finish(BOOT_TIMEOUT);
     let out = o.out();
     assert!(
         !o.timed_out,
@@ -219,17 +251,17 @@ fn linux_runs_a_container_command_on_2_vcpus() {
     let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(
         lines.len(),
-        3,
+        4,
         "stdout should hold only the command's output: {out:?}\n{}",
         o.stderr
     );
-    assert_eq!(lines[0], "2", "nproc");
+    assert_eq!(lines[1], "2", "nproc");
     assert!(
-        lines[1].starts_with("6.1.") && lines[1].ends_with("-vmm"),
+        lines[2].starts_with("6.1.") && lines[2].ends_with("-vmm"),
         "uname -r: {}",
-        lines[1]
+        lines[2]
     );
-    assert_eq!(lines[2], "vmm-agent", "PID 1");
+    assert_eq!(lines[3], "vmm-agent", "PID 1");
     assert_eq!(o.status, Some(7), "{out}\n{}", o.stderr);
     eprintln!("linux_runs_a_container_command_on_2_vcpus: {:?}", o.elapsed);
 }

@@ -121,6 +121,7 @@ fn a_ticking_container_carries_on_after_restore() {
         ("vcpu", "1"),
         ("device", "serial/0"),
         ("device", "i8042/0"),
+        ("device", "rtc/0"),
         ("device", "status-port/0"),
         ("device", "virtio-blk/0"),
         ("disk", "virtio-blk/0"),

@@ -419,7 +419,7 @@ mod tests {
         assert_eq!(s.vcpus.len(), 1);
         assert_eq!(s.vcpus[0].regs.rip, test_vm::SPIN_AT);
         let kinds: Vec<&str> = s.devices.iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(kinds, ["serial/0", "i8042/0", "status-port/0"]);
+        assert_eq!(kinds, ["serial/0", "i8042/0", "rtc/0", "status-port/0"]);
 
         m.resume().unwrap();
         m.shutdown();

@@ -44,6 +44,8 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const I8042_IRQ: u32 = 1;
+/// The CMOS RTC: index at 0x70, data at 0x71.
+pub const RTC_PORT: u16 = 0x70;
 /// The guest agent's ports (exit status, start milestone).
 pub use guest_abi::ports::{PROGRESS_PORT, STATUS_PORT};
 

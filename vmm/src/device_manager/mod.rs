@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::{Serial, I8042};
+use devices::legacy::{Rtc, Serial, I8042};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::reg::QUEUE_NOTIFY;
 use devices::virtio::{MmioTransport, VirtioRestoreError};
@@ -110,6 +110,7 @@ impl event_manager::MutEventSubscriber for QueueNotifier {
 pub struct DeviceManager {
     serial: Mutex<Serial>,
     i8042: Mutex<I8042>,
+    rtc: Mutex<Rtc>,
     i8042_reset: EventFd,
     virtio: Vec<VirtioSlot>,
     /// Exit status the guest reported on STATUS_PORT, or -1.
@@ -187,24 +188,32 @@ where
 }
 
 impl DeviceManager {
-    /// Creates the serial console (writing to `console`) and the i8042.
+    /// Creates the serial console (writing to `console`), the i8042 and
+    /// the RTC.
     pub fn new(
         vm: &Vm,
         console: Box<dyn std::io::Write + Send>,
         timeline: Arc<Timeline>,
     ) -> Result<Self, DeviceError> {
-        Self::with_legacy(vm, timeline, -1, |serial_irq, kbd_irq, reset| {
-            Ok((Serial::new(serial_irq, console), I8042::new(kbd_irq, reset)))
-        })
+        Self::with_legacy(
+            vm,
+            timeline,
+            -1,
+            Rtc::new(),
+            |serial_irq, kbd_irq, reset| {
+                Ok((Serial::new(serial_irq, console), I8042::new(kbd_irq, reset)))
+            },
+        )
     }
 
-    /// A manager, no virtio devices yet, with the serial port and the i8042
-    /// that `make` builds from their lines (serial IRQ, keyboard IRQ, the
-    /// i8042's end of the reset line).
+    /// A manager, no virtio devices yet, with `rtc`, and the serial port
+    /// and the i8042 that `make` builds from their lines (serial IRQ,
+    /// keyboard IRQ, the i8042's end of the reset line).
     fn with_legacy(
         vm: &Vm,
         timeline: Arc<Timeline>,
         status: i32,
+        rtc: Rtc,
         make: impl FnOnce(EventFd, EventFd, EventFd) -> Result<(Serial, I8042), DeviceError>,
     ) -> Result<Self, DeviceError> {
         let fds = LegacyFds::new(vm)?;
@@ -212,6 +221,7 @@ impl DeviceManager {
         Ok(DeviceManager {
             serial: Mutex::new(serial),
             i8042: Mutex::new(i8042),
+            rtc: Mutex::new(rtc),
             i8042_reset: fds.i8042_reset,
             virtio: Vec::new(),
             status: AtomicI32::new(status),
@@ -318,6 +328,7 @@ impl DeviceManager {
         let mut out = vec![
             one("serial", DeviceState::Serial(lock(&self.serial).save())),
             one("i8042", DeviceState::I8042(lock(&self.i8042).save())),
+            one("rtc", DeviceState::Rtc(lock(&self.rtc).save())),
             one(
                 "status-port",
                 DeviceState::StatusPort(StatusPortState {
@@ -387,14 +398,28 @@ impl DeviceManager {
             DeviceState::StatusPort(s) => Some(s),
             _ => None,
         })?;
-        let mut dm =
-            Self::with_legacy(vm, timeline, status.status, |serial_irq, kbd_irq, reset| {
+        // Images from before the RTC existed have none: a fresh one shows
+        // the host's time, which is what it would show after a restore.
+        let rtc = match the_one(saved, "rtc", |s| match s {
+            DeviceState::Rtc(s) => Some(s),
+            _ => None,
+        }) {
+            Ok(s) => Rtc::restore(Rtc::system_clock(), s).map_err(restore_err("rtc/0"))?,
+            Err(_) => Rtc::new(),
+        };
+        let mut dm = Self::with_legacy(
+            vm,
+            timeline,
+            status.status,
+            rtc,
+            |serial_irq, kbd_irq, reset| {
                 let serial = Serial::restore((serial_irq, console), serial_state)
                     .map_err(restore_err("serial/0"))?;
                 let i8042 = I8042::restore((kbd_irq, reset), i8042_state)
                     .map_err(restore_err("i8042/0"))?;
                 Ok((serial, i8042))
-            })?;
+            },
+        )?;
         for d in saved {
             let DeviceState::VirtioBlock(slot) = &d.state else {
                 continue;
@@ -474,6 +499,9 @@ impl Bus for DeviceManager {
                 let mut k = lock(&self.i8042);
                 data[0] = k.read(port);
             }
+            p if (RTC_PORT..RTC_PORT + 2).contains(&p) && data.len() == 1 => {
+                data[0] = lock(&self.rtc).read((p - RTC_PORT) as u8);
+            }
             // Nothing there: the bus floats high.
             _ => data.fill(0xff),
         }
@@ -499,6 +527,10 @@ impl Bus for DeviceManager {
                 } else {
                     PortEffect::None
                 }
+            }
+            p if (RTC_PORT..RTC_PORT + 2).contains(&p) && data.len() == 1 => {
+                lock(&self.rtc).write((p - RTC_PORT) as u8, data[0]);
+                PortEffect::None
             }
             // The guest's last word: the agent has synced the disk and
             // drained the console, so the VM ends here rather than after a

@@ -6,7 +6,7 @@
 //! [`DeviceState::kind`]) and its arms in `DeviceManager::save` and
 //! `DeviceManager::restore`. Nothing else changes.
 
-use devices::legacy::{I8042State, SerialState};
+use devices::legacy::{I8042State, RtcState, SerialState};
 use devices::virtio::block::BlockState;
 use devices::virtio::VirtioDeviceState;
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,7 @@ pub enum DeviceState {
     I8042(I8042State),
     StatusPort(StatusPortState),
     VirtioBlock(VirtioSlotState<BlockState>),
+    Rtc(RtcState),
 }
 
 impl DeviceState {
@@ -36,6 +37,7 @@ impl DeviceState {
             DeviceState::I8042(_) => "i8042",
             DeviceState::StatusPort(_) => "status-port",
             DeviceState::VirtioBlock(_) => "virtio-blk",
+            DeviceState::Rtc(_) => "rtc",
         }
     }
 }
