@@ -80,7 +80,10 @@ fn default_compression() -> Compression {
     Compression::Zstd(1)
 }
 
-/// The body of `PUT /vm/snapshot`: a destination and the options.
+/// The body of `PUT /vm/snapshot`: a destination and the options. The
+/// options' fields are spelled out rather than `#[serde(flatten)]`ed, since
+/// serde cannot refuse unknown fields of a flattened struct, and a typo in a
+/// request must be refused, not ignored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotBody {

@@ -32,7 +32,6 @@ pub enum MemoryError {
 /// The guest's RAM.
 pub struct GuestRam {
     mmap: GuestMemoryMmap,
-    mib: u64,
 }
 
 impl GuestRam {
@@ -44,7 +43,7 @@ impl GuestRam {
             .collect();
         let mmap = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|source| MemoryError::Allocate { mib, source })?;
-        Ok(GuestRam { mmap, mib })
+        Ok(GuestRam { mmap })
     }
 
     /// (guest-physical address, length) of each RAM region of a `mib` MiB guest.
@@ -76,10 +75,6 @@ impl GuestRam {
     /// What devices and loaders read and write guest memory through.
     pub fn mmap(&self) -> &GuestMemoryMmap {
         &self.mmap
-    }
-
-    pub fn mib(&self) -> u64 {
-        self.mib
     }
 
     /// Guest RAM as (guest-physical address, bytes), for a snapshot.

@@ -156,10 +156,6 @@ impl VcpuHandle {
         })
     }
 
-    pub fn id(&self) -> u8 {
-        self.id
-    }
-
     /// Sends `request` and waits for its answer, kicking the thread out of
     /// KVM_RUN until it comes (a signal that lands just before KVM_RUN is
     /// lost, so one kick is not enough).
@@ -188,15 +184,14 @@ impl VcpuHandle {
         }
     }
 
-    /// Asks for `request`, expecting `ok` back.
+    /// Asks for `request`, expecting an answer that `ok` accepts.
     fn expect(
         &self,
         request: VcpuRequest,
         ok: fn(&VcpuResponse) -> bool,
-    ) -> Result<VcpuResponse, VcpuThreadError> {
-        let r = self.request(request)?;
-        if ok(&r) {
-            Ok(r)
+    ) -> Result<(), VcpuThreadError> {
+        if ok(&self.request(request)?) {
+            Ok(())
         } else {
             Err(VcpuThreadError::Protocol {
                 id: self.id,
@@ -207,12 +202,10 @@ impl VcpuHandle {
 
     pub fn pause(&self) -> Result<(), VcpuThreadError> {
         self.expect(VcpuRequest::Pause, |r| matches!(r, VcpuResponse::Paused))
-            .map(drop)
     }
 
     pub fn resume(&self) -> Result<(), VcpuThreadError> {
         self.expect(VcpuRequest::Resume, |r| matches!(r, VcpuResponse::Resumed))
-            .map(drop)
     }
 
     pub fn save(&self) -> Result<VcpuState, VcpuThreadError> {

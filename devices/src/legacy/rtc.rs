@@ -60,7 +60,8 @@ const D_VRT: u8 = 0x80;
 /// Host UTC time in seconds.
 pub type Clock = fn() -> i64;
 
-fn system_clock() -> i64 {
+/// The host's clock: what production RTCs run on.
+pub fn system_clock() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

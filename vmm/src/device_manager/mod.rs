@@ -404,7 +404,9 @@ impl DeviceManager {
             DeviceState::Rtc(s) => Some(s),
             _ => None,
         }) {
-            Ok(s) => Rtc::restore(Rtc::system_clock(), s).map_err(restore_err("rtc/0"))?,
+            Ok(s) => {
+                Rtc::restore(devices::legacy::rtc::system_clock, s).map_err(restore_err("rtc/0"))?
+            }
             Err(_) => Rtc::new(),
         };
         let mut dm = Self::with_legacy(

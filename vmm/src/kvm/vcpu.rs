@@ -231,10 +231,6 @@ impl Vcpu {
         self.id
     }
 
-    pub fn fd(&self) -> &VcpuFd {
-        &self.fd
-    }
-
     /// TSC frequency in kHz as KVM reports it for this vCPU.
     pub fn tsc_khz(&self) -> Option<u32> {
         self.fd.get_tsc_khz().ok()

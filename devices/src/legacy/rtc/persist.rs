@@ -48,13 +48,6 @@ impl Persist for Rtc {
     }
 }
 
-impl Rtc {
-    /// The host clock production RTCs run on, for [`Persist::restore`].
-    pub fn system_clock() -> Clock {
-        super::system_clock
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
