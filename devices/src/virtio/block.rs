@@ -14,7 +14,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{
-    ActivateError, Interrupt, QueueError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    read_config_bytes, ActivateError, Active, Interrupt, QueueError, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 mod persist;
@@ -82,8 +83,7 @@ pub struct Block {
     read_only: bool,
     id: String,
     acked_features: u64,
-    mem: Option<GuestMemoryMmap>,
-    interrupt: Option<Arc<Interrupt>>,
+    active: Option<Active>,
     config: [u8; CONFIG_LEN],
 }
 
@@ -112,8 +112,7 @@ impl Block {
             read_only,
             id,
             acked_features: 0,
-            mem: None,
-            interrupt: None,
+            active: None,
             config,
         })
     }
@@ -301,13 +300,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|o| self.config.get(o..))
-            .unwrap_or(&[]);
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -319,21 +312,14 @@ impl VirtioDevice for Block {
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if self.mem.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        self.mem = Some(mem);
-        self.interrupt = Some(interrupt);
-        Ok(())
+        Active::activate(&mut self.active, mem, interrupt)
     }
 
-    fn process_queue(&mut self, index: usize, queue: &mut Queue) -> Result<(), QueueError> {
-        let (Some(mem), Some(interrupt)) = (self.mem.clone(), self.interrupt.clone()) else {
-            return Err(QueueError::NotActivated);
-        };
-        if index != 0 {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue]) -> Result<(), QueueError> {
+        let Active { mem, interrupt } = Active::get(&self.active)?;
+        let Some(queue) = queues.get_mut(index).filter(|_| index == 0) else {
             return Err(QueueError::NoSuchQueue(index));
-        }
+        };
         let mut used_any = false;
         loop {
             queue.disable_notification(&mem)?;
@@ -375,8 +361,7 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        self.mem = None;
-        self.interrupt = None;
+        self.active = None;
         self.acked_features = 0;
     }
 
@@ -425,16 +410,7 @@ mod tests {
         let mut block = Block::new(file, read_only, "disk0".into()).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
-        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-        queue.try_set_size(QSIZE).unwrap();
-        queue
-            .try_set_desc_table_address(GuestAddress(DESC))
-            .unwrap();
-        queue
-            .try_set_avail_ring_address(GuestAddress(AVAIL))
-            .unwrap();
-        queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-        queue.set_ready(true);
+        let queue = ready_queue(QUEUE_SIZE);
         block.activate(mem.clone(), interrupt.clone()).unwrap();
         Rig {
             block,
@@ -462,7 +438,9 @@ mod tests {
             chain.push((STATUS, 1, true));
             let before = self.drv.used_idx();
             let head = self.drv.add_chain(&chain);
-            self.block.process_queue(0, &mut self.queue).unwrap();
+            self.block
+                .process_queue(0, std::slice::from_mut(&mut self.queue))
+                .unwrap();
             assert_eq!(self.drv.used_idx(), before.wrapping_add(1));
             let (id, len) = self.drv.used(before);
             assert_eq!(id, u32::from(head));
@@ -581,14 +559,20 @@ mod tests {
         assert_eq!(back, [0u8; 512]);
         // A header that is device-writable, or too short.
         let head = r.drv.add_chain(&[(HDR, 16, true), (STATUS, 1, true)]);
-        r.block.process_queue(0, &mut r.queue).unwrap();
+        r.block
+            .process_queue(0, std::slice::from_mut(&mut r.queue))
+            .unwrap();
         assert_eq!(r.drv.byte(STATUS), VIRTIO_BLK_S_IOERR);
         let head2 = r.drv.add_chain(&[(HDR, 8, false), (STATUS, 1, true)]);
-        r.block.process_queue(0, &mut r.queue).unwrap();
+        r.block
+            .process_queue(0, std::slice::from_mut(&mut r.queue))
+            .unwrap();
         assert_eq!(r.drv.byte(STATUS), VIRTIO_BLK_S_IOERR);
         // No status byte at all: returned with nothing written.
         let head3 = r.drv.add_chain(&[(HDR, 16, false)]);
-        r.block.process_queue(0, &mut r.queue).unwrap();
+        r.block
+            .process_queue(0, std::slice::from_mut(&mut r.queue))
+            .unwrap();
         let last = r.drv.used_idx().wrapping_sub(1);
         assert_eq!(r.drv.used(last), (u32::from(head3), 0));
         assert!(head != head2);
@@ -634,11 +618,17 @@ mod tests {
             .mem
             .write_obj(QSIZE + 5, GuestAddress(AVAIL + 2))
             .unwrap();
-        assert!(r.block.process_queue(0, &mut r.queue).is_err());
-        assert!(r.block.process_queue(1, &mut r.queue).is_err());
+        assert!(r
+            .block
+            .process_queue(0, std::slice::from_mut(&mut r.queue))
+            .is_err());
+        assert!(r
+            .block
+            .process_queue(1, std::slice::from_mut(&mut r.queue))
+            .is_err());
         r.block.reset();
         assert!(matches!(
-            r.block.process_queue(0, &mut r.queue),
+            r.block.process_queue(0, std::slice::from_mut(&mut r.queue)),
             Err(QueueError::NotActivated)
         ));
     }

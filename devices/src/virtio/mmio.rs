@@ -9,7 +9,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use event_manager::{EventOps, Events};
+
+use super::{
+    status, Interrupt, QueueError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 mod persist;
 pub use persist::{MmioArgs, MmioError, MmioState, QueueState};
@@ -288,7 +292,7 @@ impl MmioTransport {
             log::debug!("virtio-mmio: notify of queue {index} before the device is running");
             return;
         }
-        let Some(q) = self.queues.get_mut(index) else {
+        let Some(q) = self.queues.get(index) else {
             log::debug!("virtio-mmio: notify of nonexistent queue {index}");
             return;
         };
@@ -296,12 +300,49 @@ impl MmioTransport {
             log::debug!("virtio-mmio: notify of queue {index}, which is not ready");
             return;
         }
-        if let Err(e) = self.device.process_queue(index, q) {
-            log::warn!(
-                "virtio-mmio: device type {} queue {index}: {e}; it needs a reset",
-                self.device.device_type()
-            );
-            self.needs_reset();
+        let result = self.device.process_queue(index, &mut self.queues);
+        self.check(result, "queue");
+    }
+
+    /// A device that failed needs a reset, and the driver is told.
+    fn check<T>(&mut self, result: Result<T, QueueError>, what: &str) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                log::warn!(
+                    "virtio-mmio: device type {} ({what}): {e}; it needs a reset",
+                    self.device.device_type()
+                );
+                self.needs_reset();
+                None
+            }
+        }
+    }
+
+    /// Lets the device register its backend's file descriptors on the
+    /// device thread (see [`VirtioDevice::init_backend`]).
+    pub fn init_backend(&mut self, ops: &mut EventOps) {
+        self.device.init_backend(ops);
+    }
+
+    /// One of the backend's file descriptors is ready.
+    pub fn backend_event(&mut self, events: Events, ops: &mut EventOps) {
+        let running = self.activated && self.status & status::DEVICE_NEEDS_RESET == 0;
+        let queues = running.then_some(self.queues.as_mut_slice());
+        let result = self.device.backend_event(events, ops, queues);
+        self.check(result, "backend");
+    }
+
+    /// The VM was restored and is about to run again: the device tells the
+    /// guest what changed (see [`VirtioDevice::restored`]).
+    pub fn restored(&mut self) {
+        if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        let result = self.device.restored(&mut self.queues);
+        if self.check(result, "restore") == Some(true) {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            self.interrupt.signal_config_change();
         }
     }
 

@@ -1,24 +1,33 @@
 //! virtio devices over the MMIO transport.
 //!
 //! [`MmioTransport`] owns the register window, the queues and the
-//! [`Interrupt`]; a [`VirtioDevice`] behind it (today [`block::Block`]) serves
-//! the requests. The VMM routes QueueNotify through an ioeventfd to its
+//! [`Interrupt`]; a [`VirtioDevice`] behind it ([`block::Block`],
+//! [`net::Net`], [`rng::Rng`]) serves the requests. The VMM routes QueueNotify through an ioeventfd to its
 //! device thread, which calls [`MmioTransport::notify_queue`]; a request is
 //! served whole under the transport's lock, and
-//! [`MmioTransport::drain`] serves what is left before a pause.
+//! [`MmioTransport::drain`] serves what is left before a pause. A device
+//! whose backend makes work of its own (a TAP's frames) registers its file
+//! descriptors on the same thread ([`VirtioDevice::init_backend`]).
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod persist;
+pub mod rng;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use event_manager::{EventOps, Events};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::{MmioArgs, MmioError, MmioState, MmioTransport, QueueState};
 pub use persist::{VirtioDeviceState, VirtioRestoreError};
+
+/// Event data a device's backend may use; the device thread keeps the
+/// values from here on for the queues' notifications.
+pub const BACKEND_DATA_LIMIT: u32 = 1 << 31;
 
 /// Device status bits (virtio 1.x, 2.1).
 pub mod status {
@@ -87,6 +96,46 @@ impl Interrupt {
     }
 }
 
+/// What a device holds while its driver runs it: guest memory and the
+/// interrupt to raise. `None` before activation and after a reset.
+#[derive(Clone)]
+pub struct Active {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<Interrupt>,
+}
+
+impl Active {
+    /// Fills `slot` at activation; a second one without a reset is refused.
+    pub fn activate(
+        slot: &mut Option<Active>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if slot.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        *slot = Some(Active { mem, interrupt });
+        Ok(())
+    }
+
+    /// The activated device's memory and interrupt.
+    pub fn get(slot: &Option<Active>) -> Result<Active, QueueError> {
+        slot.clone().ok_or(QueueError::NotActivated)
+    }
+}
+
+/// A read of a device's configuration space `config` at `offset`; bytes
+/// past its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|o| config.get(o..))
+        .unwrap_or(&[]);
+    let n = src.len().min(data.len());
+    data[..n].copy_from_slice(&src[..n]);
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("the driver set up queue {0} with rings outside guest memory")]
@@ -133,11 +182,36 @@ pub trait VirtioDevice: Send + std::any::Any {
     ) -> Result<(), ActivateError>;
     /// The driver notified queue `index`: serve everything it holds and
     /// signal the used ring through the interrupt given at activation.
+    /// `queues` holds all of the device's queues (a request on one may be
+    /// answered on another); queue `index` is ready, the others may not be.
     fn process_queue(
         &mut self,
         index: usize,
-        queue: &mut virtio_queue::Queue,
+        queues: &mut [virtio_queue::Queue],
     ) -> Result<(), QueueError>;
+    /// Registers the host file descriptors whose readiness gives the device
+    /// work (a TAP, sockets) with the device thread, with event data below
+    /// [`BACKEND_DATA_LIMIT`]. Called once, when the thread takes the device.
+    fn init_backend(&mut self, _ops: &mut EventOps) {}
+    /// One of the backend's file descriptors is ready. `queues` is `None`
+    /// until the driver has activated the device. The device may add and
+    /// remove file descriptors through `ops`.
+    fn backend_event(
+        &mut self,
+        _events: Events,
+        _ops: &mut EventOps,
+        _queues: Option<&mut [virtio_queue::Queue]>,
+    ) -> Result<(), QueueError> {
+        Ok(())
+    }
+    /// The VM was restored from an image and is about to run again: the
+    /// moment to tell the guest what changed under it (a network device
+    /// asks it to announce itself, vsock resets its connections). Called
+    /// only on an activated device. Returns true if the device changed its
+    /// configuration space, which the transport then signals.
+    fn restored(&mut self, _queues: &mut [virtio_queue::Queue]) -> Result<bool, QueueError> {
+        Ok(false)
+    }
     /// Back to the state before activation.
     fn reset(&mut self);
     /// Makes everything the device has done durable (e.g. fsync the disk
@@ -167,6 +241,22 @@ pub(crate) mod test_utils {
 
     pub fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    /// A ready queue of QSIZE entries with its rings at DESC, AVAIL, USED.
+    pub fn ready_queue(max_size: u16) -> virtio_queue::Queue {
+        use virtio_queue::QueueT;
+        let mut queue = virtio_queue::Queue::new(max_size).unwrap();
+        queue.try_set_size(QSIZE).unwrap();
+        queue
+            .try_set_desc_table_address(GuestAddress(DESC))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(AVAIL))
+            .unwrap();
+        queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        queue.set_ready(true);
+        queue
     }
 
     /// The driver's view of one queue: where the next descriptor and the next

@@ -449,7 +449,7 @@ mod tests {
         fn process_queue(
             &mut self,
             _: usize,
-            _: &mut Queue,
+            _: &mut [Queue],
         ) -> Result<(), crate::virtio::QueueError> {
             Ok(())
         }
