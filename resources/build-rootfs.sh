@@ -92,12 +92,16 @@ if [ ! -f "$base/.complete" ]; then
     log "base built in $(($(date +%s) - start)) s"
 fi
 
-# The in-guest system-call benchmark, built next to the agent, goes in too.
-bench="$(dirname "$agent")/vmm-syscall-bench"
+# The in-guest tools built next to the agent (the system-call benchmark, the
+# network test server) go in too.
+tools=()
+for t in vmm-syscall-bench vmm-netserve; do
+    if [ -f "$(dirname "$agent")/$t" ]; then tools+=("$(dirname "$agent")/$t"); fi
+done
 stamp=$( {
     echo "$key $size"
     sha256sum <"$agent"
-    if [ -f "$bench" ]; then sha256sum <"$bench"; fi
+    for t in "${tools[@]}"; do sha256sum <"$t"; done
     cat "$self"
 } | sha256sum | cut -c1-16)
 if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp" ]; then
@@ -116,9 +120,9 @@ cp -a "$base/." "$stage/"
 rm -f "$stage/.complete"
 
 install -m 0755 -o 0 -g 0 "$agent" "$stage/sbin/vmm-agent"
-if [ -f "$bench" ]; then
-    install -m 0755 -o 0 -g 0 "$bench" "$stage/usr/local/bin/vmm-syscall-bench"
-fi
+for t in "${tools[@]}"; do
+    install -m 0755 -o 0 -g 0 "$t" "$stage/usr/local/bin/$(basename "$t")"
+done
 echo vmm >"$stage/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tvmm\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$stage/etc/hosts"
 : >"$stage/etc/fstab"

@@ -7,6 +7,8 @@
 //! Recognised words (the last occurrence of each wins, so the VMM's own
 //! appended words override anything a user put in `--cmdline`):
 //! - `vmm.cmd=B64`: the container command. Absent: an interactive shell.
+//! - `vmm.net=MAC,ADDR/PREFIX[,GW]`: an interface to configure (one word
+//!   per interface; all of them count).
 //! - `vmm.unshare=uts,ipc,mnt`: namespaces the command gets of its own
 //!   (default none: the VM is the isolation boundary, and CRIU inside the
 //!   guest is simpler when the workload shares init's namespaces).
@@ -15,6 +17,7 @@ use std::fmt;
 
 pub use guest_abi::cmdline::{decode_command, CommandError};
 use guest_abi::cmdline::{CMD_PREFIX, UNSHARE_PREFIX};
+use guest_abi::net::{NetSpec, NetSpecError, NET_PREFIX};
 
 /// Namespaces the container command is put in, beyond the guest's own.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +33,8 @@ pub struct BootArgs {
     /// The command's argv; `None` means run an interactive shell.
     pub command: Option<Vec<Vec<u8>>>,
     pub unshare: Namespaces,
+    /// Interfaces to configure.
+    pub nets: Vec<NetSpec>,
 }
 
 /// Why the agent's arguments cannot be used.
@@ -39,12 +44,15 @@ pub enum CmdlineError {
     Command(CommandError),
     /// `vmm.unshare=` names something other than uts, ipc or mnt.
     UnknownNamespace(String),
+    /// `vmm.net=` does not parse.
+    Net(NetSpecError),
 }
 
 impl fmt::Display for CmdlineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Command(e) => write!(f, "{e}"),
+            Self::Net(e) => write!(f, "{e}"),
             Self::UnknownNamespace(n) => write!(
                 f,
                 "vmm.unshare= names {n:?}; known namespaces are uts, ipc and mnt"
@@ -63,8 +71,14 @@ where
 {
     let mut cmd: Option<Vec<u8>> = None;
     let mut unshare: Option<Vec<u8>> = None;
+    let mut nets = Vec::new();
     for arg in args {
         let arg = arg.as_ref();
+        if let Some(v) = arg.strip_prefix(NET_PREFIX.as_bytes()) {
+            let v = String::from_utf8_lossy(v);
+            nets.push(NetSpec::decode(&v).map_err(CmdlineError::Net)?);
+            continue;
+        }
         if let Some(v) = arg.strip_prefix(CMD_PREFIX.as_bytes()) {
             cmd = Some(v.to_vec());
         } else if let Some(v) = arg.strip_prefix(UNSHARE_PREFIX.as_bytes()) {
@@ -79,7 +93,11 @@ where
         None => Namespaces::default(),
         Some(list) => parse_namespaces(&list)?,
     };
-    Ok(BootArgs { command, unshare })
+    Ok(BootArgs {
+        command,
+        unshare,
+        nets,
+    })
 }
 
 fn parse_namespaces(list: &[u8]) -> Result<Namespaces, CmdlineError> {
@@ -139,6 +157,21 @@ mod tests {
         assert!(matches!(
             parse(args(&["vmm.cmd=a*b"])),
             Err(CmdlineError::Command(CommandError::Encoding(_)))
+        ));
+    }
+
+    #[test]
+    fn collects_every_interface() {
+        let got = parse(args(&[
+            "vmm.net=02:00:00:00:00:01,10.0.0.2/24,10.0.0.1",
+            "vmm.net=02:00:00:00:00:02,10.1.0.2/16",
+        ]))
+        .unwrap();
+        assert_eq!(got.nets.len(), 2);
+        assert_eq!(got.nets[1].prefix, 16);
+        assert!(matches!(
+            parse(args(&["vmm.net=02:00,10.0.0.2/24"])),
+            Err(CmdlineError::Net(_))
         ));
     }
 

@@ -12,6 +12,7 @@
 pub mod cmdline;
 pub mod command;
 pub mod init;
+pub mod net;
 pub mod status;
 #[allow(unsafe_code)]
 pub mod sys;

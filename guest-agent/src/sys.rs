@@ -388,6 +388,116 @@ fn attach_console() {
     unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
 }
 
+/// An AF_INET datagram socket: the handle for interface ioctls.
+pub struct NetConfigSocket(std::os::fd::OwnedFd);
+
+/// struct rtentry (x86_64), for SIOCADDRT: glibc's libc crate lacks it.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+fn sockaddr_in(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain data; the
+    // kernel reads a sockaddr_in through a sockaddr for AF_INET.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+impl NetConfigSocket {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: socket(2) takes no pointers; the result is checked.
+        let fd = check(unsafe {
+            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+        })?;
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(NetConfigSocket(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(fd)
+        }))
+    }
+
+    fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+        // SAFETY: ifreq is plain data; all zeroes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        if name.is_empty() || name.len() >= req.ifr_name.len() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as c_char;
+        }
+        Ok(req)
+    }
+
+    fn ioctl(&self, request: libc::c_ulong, arg: *mut c_void) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the callers pass a pointer to the struct `request` reads
+        // or writes (ifreq or rtentry), alive for the call.
+        check(unsafe { libc::ioctl(self.0.as_raw_fd(), request as _, arg) }).map(|_| ())
+    }
+
+    /// Gives interface `name` the address `addr`/`prefix`.
+    pub fn set_address(&self, name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let mut req = Self::ifreq(name)?;
+        req.ifr_ifru.ifru_addr = sockaddr_in(addr);
+        self.ioctl(libc::SIOCSIFADDR, (&raw mut req).cast())?;
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix.min(32)))
+            .unwrap_or(0);
+        req.ifr_ifru.ifru_netmask = sockaddr_in(mask.into());
+        self.ioctl(libc::SIOCSIFNETMASK, (&raw mut req).cast())
+    }
+
+    /// Brings interface `name` up, keeping its other flags.
+    pub fn set_up(&self, name: &str) -> io::Result<()> {
+        let mut req = Self::ifreq(name)?;
+        self.ioctl(libc::SIOCGIFFLAGS, (&raw mut req).cast())?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+        self.ioctl(libc::SIOCSIFFLAGS, (&raw mut req).cast())
+    }
+
+    /// Adds the default route through `gateway`.
+    pub fn add_default_route(&self, gateway: std::net::Ipv4Addr) -> io::Result<()> {
+        let any = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+        let mut rt = RtEntry {
+            rt_pad1: 0,
+            rt_dst: any,
+            rt_gateway: sockaddr_in(gateway),
+            rt_genmask: any,
+            rt_flags: (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort,
+            rt_pad2: 0,
+            rt_pad3: 0,
+            rt_pad4: ptr::null_mut(),
+            rt_metric: 0,
+            rt_dev: ptr::null_mut(),
+            rt_mtu: 0,
+            rt_window: 0,
+            rt_irtt: 0,
+        };
+        self.ioctl(libc::SIOCADDRT, (&raw mut rt).cast())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

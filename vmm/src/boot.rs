@@ -3,7 +3,109 @@
 
 use crate::arch::cpuid::{self, CpuTemplate};
 use crate::arch::layout;
+use devices::virtio::net::{self, MacAddr};
+use guest_abi::net::NetSpec;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::str::FromStr;
+
+/// One `--net tap=NAME[,mac=MAC][,ip=ADDR/PREFIX[,gw=GW]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// An existing TAP interface on the host.
+    pub tap: String,
+    /// The guest's MAC; a random locally administered one when not given.
+    pub mac: Option<MacAddr>,
+    /// The address the guest agent gives the interface, and its prefix.
+    pub ip: Option<(Ipv4Addr, u8)>,
+    /// The default route's gateway.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetConfigError {
+    #[error("--net {0:?}: tap=NAME is required")]
+    NoTap(String),
+    #[error("--net: {0}")]
+    TapName(String),
+    #[error("--net: {0:?} is not a MAC address (expected a unicast aa:bb:cc:dd:ee:ff)")]
+    Mac(String),
+    #[error("--net: {0:?} is not an IPv4 address with a prefix (expected ADDR/PREFIX, e.g. 10.0.0.2/24)")]
+    Ip(String),
+    #[error("--net: {0:?} is not an IPv4 gateway address")]
+    Gateway(String),
+    #[error("--net: gw= needs ip= as well")]
+    GatewayWithoutIp,
+    #[error("--net: unknown key {0:?} (known: tap, mac, ip, gw)")]
+    UnknownKey(String),
+}
+
+impl FromStr for NetConfig {
+    type Err = NetConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut cfg = NetConfig {
+            tap: String::new(),
+            mac: None,
+            ip: None,
+            gateway: None,
+        };
+        for kv in s.split(',') {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            match k {
+                "tap" => {
+                    net::tap::check_name(v).map_err(|e| NetConfigError::TapName(e.to_string()))?;
+                    cfg.tap = v.to_string();
+                }
+                "mac" => cfg.mac = Some(net::parse_mac(v).ok_or(NetConfigError::Mac(v.into()))?),
+                "ip" => {
+                    let ip = v
+                        .split_once('/')
+                        .and_then(|(a, p)| Some((a.parse().ok()?, p.parse::<u8>().ok()?)))
+                        .filter(|&(_, p)| p <= 32)
+                        .ok_or(NetConfigError::Ip(v.into()))?;
+                    cfg.ip = Some(ip);
+                }
+                "gw" => {
+                    cfg.gateway = Some(v.parse().map_err(|_| NetConfigError::Gateway(v.into()))?)
+                }
+                other => return Err(NetConfigError::UnknownKey(other.into())),
+            }
+        }
+        if cfg.tap.is_empty() {
+            return Err(NetConfigError::NoTap(s.into()));
+        }
+        if cfg.gateway.is_some() && cfg.ip.is_none() {
+            return Err(NetConfigError::GatewayWithoutIp);
+        }
+        Ok(cfg)
+    }
+}
+
+impl NetConfig {
+    /// What the agent needs to configure the interface with MAC `mac`.
+    pub fn spec(&self, mac: MacAddr) -> Option<NetSpec> {
+        let (addr, prefix) = self.ip?;
+        Some(NetSpec {
+            mac,
+            addr,
+            prefix,
+            gateway: self.gateway,
+        })
+    }
+}
+
+/// Refuses two network devices on one TAP (the second would find it busy,
+/// after the first had attached).
+pub fn check_distinct_taps<'a>(taps: impl IntoIterator<Item = &'a str>) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for tap in taps {
+        if !seen.insert(tap) {
+            return Err(ConfigError::TapTwice(tap.to_string()));
+        }
+    }
+    Ok(())
+}
 
 /// What `vmm run` was asked to boot.
 #[derive(Debug, Clone)]
@@ -18,6 +120,8 @@ pub struct VmConfig {
     pub api_sock: Option<PathBuf>,
     /// The container command; empty for an interactive shell.
     pub command: Vec<String>,
+    /// Network devices, in the order the guest sees them (eth0 first).
+    pub nets: Vec<NetConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +134,8 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("rootfs {0} does not exist")]
     MissingRootfs(String),
+    #[error("TAP {0} is given to two network devices")]
+    TapTwice(String),
 }
 
 impl VmConfig {
@@ -52,17 +158,19 @@ impl VmConfig {
                 return Err(ConfigError::MissingRootfs(r.display().to_string()));
             }
         }
-        Ok(())
+        check_distinct_taps(self.nets.iter().map(|n| n.tap.as_str()))
     }
 }
 
 /// The kernel command line: the caller's, or our default, plus device
-/// declarations and the container command for the guest agent.
+/// declarations and, after `--`, the agent's words: network addresses
+/// (`nets`) and the container command.
 pub fn build_cmdline(
     cfg: &VmConfig,
     template: CpuTemplate,
     tsc_khz: Option<u32>,
     devices: &[String],
+    nets: &[NetSpec],
 ) -> Result<String, ConfigError> {
     let mut parts: Vec<String> = Vec::new();
     match &cfg.cmdline {
@@ -95,8 +203,13 @@ pub fn build_cmdline(
         }
     }
     parts.extend(devices.iter().cloned());
+    let mut agent: Vec<String> = nets.iter().map(NetSpec::encode).collect();
     if !cfg.command.is_empty() {
-        parts.push(guest_abi::cmdline::encode_command(&cfg.command));
+        agent.push(guest_abi::cmdline::encode_command(&cfg.command));
+    }
+    if !agent.is_empty() {
+        parts.push("--".into());
+        parts.extend(agent);
     }
     let s = parts.join(" ");
     if s.len() >= layout::CMDLINE_MAX_SIZE {
@@ -122,6 +235,7 @@ mod tests {
             cmdline: None,
             api_sock: None,
             command: vec![],
+            nets: vec![],
         }
     }
 
@@ -152,6 +266,7 @@ mod tests {
             CpuTemplate::Interpreted,
             Some(2_000_000),
             &["virtio_mmio.device=4K@0xd0000000:5".into()],
+            &[],
         )
         .unwrap();
         assert!(s.contains("nopv") && s.contains("lpj=20000000") && s.contains("root=/dev/vda"));
@@ -167,13 +282,70 @@ mod tests {
         c.rootfs = None;
         c.cmdline = Some("ticks".into());
         assert_eq!(
-            build_cmdline(&c, CpuTemplate::Host, None, &[]).unwrap(),
+            build_cmdline(&c, CpuTemplate::Host, None, &[], &[]).unwrap(),
             "ticks"
         );
         c.command = vec!["x".repeat(3000)];
         assert!(matches!(
-            build_cmdline(&c, CpuTemplate::Host, None, &[]),
+            build_cmdline(&c, CpuTemplate::Host, None, &[], &[]),
             Err(ConfigError::CmdlineTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn net_options_parse() {
+        let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:07,ip=10.0.0.2/24,gw=10.0.0.1"
+            .parse()
+            .unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 7]));
+        assert_eq!(n.ip, Some((Ipv4Addr::new(10, 0, 0, 2), 24)));
+        assert_eq!(n.gateway, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        let bare: NetConfig = "tap=t1".parse().unwrap();
+        assert_eq!((bare.mac, bare.ip, bare.spec([2; 6])), (None, None, None));
+        for (bad, want) in [
+            ("mac=02:00:00:00:00:01", "tap=NAME is required"),
+            ("tap=", "not a valid interface name"),
+            ("tap=t,mac=zz", "not a MAC address"),
+            ("tap=t,mac=01:00:00:00:00:01", "not a MAC address"),
+            ("tap=t,ip=10.0.0.2", "ADDR/PREFIX"),
+            ("tap=t,ip=10.0.0.2/40", "ADDR/PREFIX"),
+            ("tap=t,gw=10.0.0.1", "needs ip="),
+            ("tap=t,ip=10.0.0.2/24,gw=x", "gateway"),
+            ("tap=t,speed=10", "unknown key"),
+        ] {
+            let e = bad.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn one_tap_per_device() {
+        let mut c = cfg();
+        c.nets = vec!["tap=a".parse().unwrap(), "tap=a".parse().unwrap()];
+        assert!(matches!(c.validate(), Err(ConfigError::TapTwice(t)) if t == "a"));
+    }
+
+    #[test]
+    fn agent_words_follow_one_separator() {
+        let mut c = cfg();
+        let spec = NetSpec {
+            mac: [2, 0, 0, 0, 0, 1],
+            addr: Ipv4Addr::new(10, 0, 0, 2),
+            prefix: 24,
+            gateway: None,
+        };
+        let s = build_cmdline(&c, CpuTemplate::Host, None, &[], &[spec]).unwrap();
+        assert!(
+            s.ends_with(" -- vmm.net=02:00:00:00:00:01,10.0.0.2/24"),
+            "{s}"
+        );
+        c.command = vec!["true".into()];
+        let s = build_cmdline(&c, CpuTemplate::Host, None, &[], &[spec]).unwrap();
+        assert!(
+            s.contains(" -- vmm.net=02:00:00:00:00:01,10.0.0.2/24 vmm.cmd="),
+            "{s}"
+        );
+        assert_eq!(s.matches(" -- ").count(), 1);
     }
 }

@@ -12,7 +12,6 @@
 //! is allowed only while nothing runs; writing the image is a separate step
 //! ([`crate::image::write`]) that takes the state and the memory.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
@@ -21,7 +20,7 @@ use std::sync::Arc;
 use crate::arch::cpuid::CpuTemplate;
 use crate::arch::{loader, regs};
 use crate::boot::{build_cmdline, ConfigError, VmConfig};
-use crate::device_manager::{DeviceError, DeviceManager, DiskFile};
+use crate::device_manager::{self, DeviceError, DeviceManager, RestoreBackends};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::events::VmEvent;
 use crate::host::{self, HostError};
@@ -91,6 +90,8 @@ pub struct Machine {
     config: MachineConfig,
     timeline: Arc<Timeline>,
     lifecycle: Lifecycle,
+    /// Restored and not yet resumed: the devices have news for the guest.
+    fresh_restore: bool,
 }
 
 impl Machine {
@@ -115,12 +116,19 @@ impl Machine {
         if let Some(rootfs) = &cfg.rootfs {
             device_args.push(devices.add_block(&vm, rootfs, false)?);
         }
+        let mut net_specs = Vec::new();
+        for net in &cfg.nets {
+            let mac = net.mac.unwrap_or_else(devices::virtio::net::random_mac);
+            device_args.push(devices.add_net(&vm, &net.tap, mac)?);
+            net_specs.extend(net.spec(mac));
+        }
+        device_args.push(devices.add_rng(&vm)?);
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
             let entry = (id == 0).then_some(kernel.entry);
             vcpus.push(Vcpu::new(&vm, id, cfg.vcpus, template, entry)?);
         }
-        let cmdline = build_cmdline(cfg, template, vcpus[0].tsc_khz(), &device_args)?;
+        let cmdline = build_cmdline(cfg, template, vcpus[0].tsc_khz(), &device_args, &net_specs)?;
         log::info!("kernel command line: {cmdline}");
         loader::configure_boot(
             vm.memory(),
@@ -148,10 +156,12 @@ impl Machine {
     }
 
     /// Reads an image from `from` and builds the VM it describes, paused.
-    /// Its disks are materialized in `disk_dir`.
+    /// Its disks are materialized in `disk_dir`; its network devices attach
+    /// to `taps` (in order) instead of their saved TAPs, if given.
     pub fn restore(
         from: Box<dyn Read>,
         disk_dir: &Path,
+        taps: Vec<String>,
         console: Box<dyn std::io::Write + Send>,
         events: Sender<VmEvent>,
         timeline: Arc<Timeline>,
@@ -163,8 +173,10 @@ impl Machine {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(MachineError::SupportedCpuid)?;
         host::check(image.header(), image.state(), supported.as_slice())?;
+        let taps = device_manager::open_taps(&image.state().devices, &taps)?;
         let (state, disks) = image.read_contents(vm.ram(), disk_dir)?;
-        Self::from_state(vm, &state, disks, console, events, timeline)
+        let backends = RestoreBackends { disks, taps };
+        Self::from_state(vm, &state, backends, console, events, timeline)
     }
 
     /// Builds a paused machine from `state` in `vm`, whose memory already
@@ -178,14 +190,14 @@ impl Machine {
     pub fn from_state(
         vm: Vm,
         state: &MachineState,
-        disks: HashMap<String, DiskFile>,
+        backends: RestoreBackends,
         console: Box<dyn std::io::Write + Send>,
         events: Sender<VmEvent>,
         timeline: Arc<Timeline>,
     ) -> Result<Self, MachineError> {
         persist::restore_vm(vm.fd(), &state.vm).map_err(MachineError::Restore)?;
         let devices =
-            DeviceManager::restore(&vm, &state.devices, console, timeline.clone(), disks)?;
+            DeviceManager::restore(&vm, &state.devices, console, timeline.clone(), backends)?;
         let vcpus = state
             .vcpus
             .iter()
@@ -235,6 +247,7 @@ impl Machine {
             vm,
             config,
             timeline,
+            fresh_restore: lifecycle == Lifecycle::Paused,
             lifecycle,
         })
     }
@@ -280,6 +293,11 @@ impl Machine {
         }
         if self.lifecycle == Lifecycle::Paused {
             self.event_loop.resume()?;
+        }
+        if std::mem::take(&mut self.fresh_restore) {
+            // After the event loop runs (the interrupt it raises reaches
+            // the restored interrupt controllers) and before the vCPUs do.
+            self.devices.restored();
         }
         for v in &self.vcpus {
             v.resume()?;
@@ -442,7 +460,7 @@ mod tests {
         let mut r = Machine::from_state(
             vm,
             &state,
-            HashMap::new(),
+            RestoreBackends::default(),
             Box::new(std::io::sink()),
             events,
             test_vm::timeline(),

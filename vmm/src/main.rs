@@ -57,6 +57,11 @@ struct RunArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Attach a virtio-net device to an existing TAP interface (repeatable):
+    /// tap=NAME[,mac=MAC][,ip=ADDR/PREFIX[,gw=GW]]. With ip=, the guest agent
+    /// configures the interface (and the default route through gw=).
+    #[arg(long, value_name = "tap=NAME,...")]
+    net: Vec<vmm::boot::NetConfig>,
     /// Print boot milestones (first guest instruction, first console output,
     /// agent start, exit; ms from process start) as a JSON line on stderr at exit.
     #[arg(long)]
@@ -89,6 +94,11 @@ struct RestoreArgs {
     /// Where the image's disks are materialized (sparse files named after the image id).
     #[arg(long, default_value = ".")]
     disk_dir: PathBuf,
+    /// Attach the image's network devices, in order, to these TAPs instead
+    /// of the ones they had (tap=NAME, once per device): clones of one
+    /// image run side by side.
+    #[arg(long, value_name = "tap=NAME")]
+    net: Vec<RestoreNet>,
     /// Print restore milestones as a JSON line on stderr at exit.
     #[arg(long)]
     timings: bool,
@@ -239,9 +249,26 @@ fn open_image(path: &str) -> anyhow::Result<Box<dyn std::io::Read>> {
     Ok(Box::new(file))
 }
 
+/// `vmm restore --net tap=NAME`: only the TAP changes; the guest keeps its
+/// MAC and addresses.
+#[derive(Clone)]
+struct RestoreNet(String);
+
+impl std::str::FromStr for RestoreNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let cfg: vmm::boot::NetConfig = s.parse().map_err(|e| format!("{e}"))?;
+        if cfg.mac.is_some() || cfg.ip.is_some() {
+            return Err("a restored guest keeps its MAC and address: give only tap=NAME".into());
+        }
+        Ok(RestoreNet(cfg.tap))
+    }
+}
+
 fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
     let from = open_image(args.from.as_str())?;
-    let finished = runner::restore(from, &args.disk_dir, args.api_sock.as_deref(), start)
+    let taps = args.net.into_iter().map(|n| n.0).collect();
+    let finished = runner::restore(from, &args.disk_dir, taps, args.api_sock.as_deref(), start)
         .with_context(|| format!("cannot restore from {}", args.from))?;
     if args.timings {
         eprintln!("{}", finished.timings);
@@ -290,6 +317,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
         cmdline: args.cmdline,
         api_sock: args.api_sock,
         command: args.command,
+        nets: args.net,
     };
     let timings = args.timings;
     let finished = runner::run(cfg, start).context("cannot run the VM")?;

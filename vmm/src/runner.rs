@@ -72,6 +72,7 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
 pub fn restore(
     from: Box<dyn Read>,
     disk_dir: &Path,
+    taps: Vec<String>,
     api_sock: Option<&Path>,
     start: Instant,
 ) -> Result<Finished, RunError> {
@@ -80,6 +81,7 @@ pub fn restore(
     let machine = Machine::restore(
         from,
         disk_dir,
+        taps,
         Box::new(std::io::stdout()),
         events_tx.clone(),
         timeline,

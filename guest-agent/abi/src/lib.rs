@@ -40,11 +40,11 @@ pub mod cmdline {
         Empty,
     }
 
-    /// The kernel command-line words that carry `argv` to the agent:
-    /// `-- vmm.cmd=...`.
+    /// The kernel command-line word that carries `argv` to the agent:
+    /// `vmm.cmd=...` (it goes after `--`, with the agent's other words).
     pub fn encode_command<S: AsRef<str>>(argv: &[S]) -> String {
         let joined: Vec<&str> = argv.iter().map(AsRef::as_ref).collect();
-        format!("-- {CMD_PREFIX}{}", ENGINE.encode(joined.join("\0")))
+        format!("{CMD_PREFIX}{}", ENGINE.encode(joined.join("\0")))
     }
 
     /// Decodes a `vmm.cmd=` value into argv. An empty command is refused:
@@ -68,7 +68,7 @@ pub mod cmdline {
         #[test]
         fn commands_round_trip() {
             let words = encode_command(&["sh", "-c", "exit 7"]);
-            let enc = words.strip_prefix("-- vmm.cmd=").unwrap();
+            let enc = words.strip_prefix("vmm.cmd=").unwrap();
             assert_eq!(
                 decode_command(enc.as_bytes()).unwrap(),
                 [b"sh".to_vec(), b"-c".to_vec(), b"exit 7".to_vec()]
@@ -98,6 +98,122 @@ pub mod cmdline {
                 decode_command(b"a*b"),
                 Err(CommandError::Encoding(_))
             ));
+        }
+    }
+}
+
+/// How the agent configures a network interface: `vmm.net=MAC,ADDR/PREFIX[,GW]`,
+/// one word per interface the VMM gave an address. The agent finds the
+/// interface by its MAC, so the order of devices does not matter.
+pub mod net {
+    use std::net::Ipv4Addr;
+
+    /// Argument prefix of one interface's configuration.
+    pub const NET_PREFIX: &str = "vmm.net=";
+
+    /// One interface's address, as the VMM asks and the agent applies.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct NetSpec {
+        pub mac: [u8; 6],
+        pub addr: Ipv4Addr,
+        pub prefix: u8,
+        pub gateway: Option<Ipv4Addr>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    #[error("bad vmm.net= on the kernel command line: {0:?} (expected MAC,ADDR/PREFIX[,GW])")]
+    pub struct NetSpecError(pub String);
+
+    impl NetSpec {
+        /// The command-line word: `vmm.net=02:00:00:00:00:01,10.0.0.2/24,10.0.0.1`.
+        pub fn encode(&self) -> String {
+            let m = self.mac;
+            let mut s = format!(
+                "{NET_PREFIX}{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x},{}/{}",
+                m[0], m[1], m[2], m[3], m[4], m[5], self.addr, self.prefix
+            );
+            if let Some(gw) = self.gateway {
+                s.push_str(&format!(",{gw}"));
+            }
+            s
+        }
+
+        /// Parses a `vmm.net=` value (after the prefix).
+        pub fn decode(value: &str) -> Result<NetSpec, NetSpecError> {
+            let bad = || NetSpecError(value.to_string());
+            let mut parts = value.split(',');
+            let mac_s = parts.next().ok_or_else(bad)?;
+            let mut mac = [0u8; 6];
+            let mut octets = mac_s.split(':');
+            for b in &mut mac {
+                let o = octets.next().filter(|o| o.len() == 2).ok_or_else(bad)?;
+                *b = u8::from_str_radix(o, 16).map_err(|_| bad())?;
+            }
+            if octets.next().is_some() {
+                return Err(bad());
+            }
+            let (addr, prefix) = parts
+                .next()
+                .and_then(|a| a.split_once('/'))
+                .ok_or_else(bad)?;
+            let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+            let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+            if prefix > 32 {
+                return Err(bad());
+            }
+            let gateway = match parts.next() {
+                None => None,
+                Some(g) => Some(g.parse().map_err(|_| bad())?),
+            };
+            if parts.next().is_some() {
+                return Err(bad());
+            }
+            Ok(NetSpec {
+                mac,
+                addr,
+                prefix,
+                gateway,
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn specs_round_trip() {
+            let spec = NetSpec {
+                mac: [2, 0, 0, 0xab, 0, 1],
+                addr: Ipv4Addr::new(10, 0, 0, 2),
+                prefix: 24,
+                gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            };
+            let word = spec.encode();
+            assert_eq!(word, "vmm.net=02:00:00:ab:00:01,10.0.0.2/24,10.0.0.1");
+            let value = word.strip_prefix(NET_PREFIX).unwrap();
+            assert_eq!(NetSpec::decode(value).unwrap(), spec);
+            let no_gw = NetSpec {
+                gateway: None,
+                ..spec
+            };
+            let w = no_gw.encode();
+            assert_eq!(NetSpec::decode(&w[NET_PREFIX.len()..]).unwrap(), no_gw);
+        }
+
+        #[test]
+        fn bad_specs_are_refused() {
+            for bad in [
+                "",
+                "02:00:00:ab:00,10.0.0.2/24",
+                "02:00:00:ab:00:01",
+                "02:00:00:ab:00:01,10.0.0.2",
+                "02:00:00:ab:00:01,10.0.0.2/33",
+                "02:00:00:ab:00:01,10.0.0.2/24,x",
+                "02:00:00:ab:00:01,10.0.0.2/24,10.0.0.1,1",
+            ] {
+                assert!(NetSpec::decode(bad).is_err(), "{bad:?}");
+            }
         }
     }
 }

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use devices::legacy::{Rtc, Serial, I8042};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::reg::QUEUE_NOTIFY;
-use devices::virtio::{MmioTransport, VirtioRestoreError};
+use devices::virtio::net::{MacAddr, Net, Tap, TapError};
+use devices::virtio::rng::Rng;
+use devices::virtio::{MmioTransport, VirtioDevice, VirtioRestoreError, BACKEND_DATA_LIMIT};
 use devices::Persist;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -58,6 +60,72 @@ pub enum DeviceError {
     BadDevice { id: String, reason: String },
     #[error("the image has no disk for {0}")]
     NoDisk(String),
+    #[error("cannot attach {id} to its TAP")]
+    Tap {
+        id: String,
+        #[source]
+        source: TapError,
+    },
+    #[error(
+        "--net is given {given} times, the image's network devices are: {saved} (one --net each)"
+    )]
+    NetCount { given: usize, saved: String },
+}
+
+/// What a restore attaches that the image only names, by device id: the
+/// disks, and the TAPs ([`open_taps`]).
+#[derive(Default)]
+pub struct RestoreBackends {
+    pub disks: HashMap<String, DiskFile>,
+    pub taps: HashMap<String, Tap>,
+}
+
+/// Opens the TAP of each saved network device: `overrides` in the order of
+/// the devices (one per device), or the saved TAPs if empty. Done before
+/// anything of the image is written out, so a missing or busy TAP costs
+/// nothing.
+pub fn open_taps(
+    saved: &[SavedDevice],
+    overrides: &[String],
+) -> Result<HashMap<String, Tap>, DeviceError> {
+    let nets: Vec<(&str, &str)> = saved
+        .iter()
+        .filter_map(|d| match &d.state {
+            DeviceState::VirtioNet(s) => Some((d.id.as_str(), s.virtio.device.tap.as_str())),
+            _ => None,
+        })
+        .collect();
+    if !overrides.is_empty() && overrides.len() != nets.len() {
+        let ids: Vec<&str> = nets.iter().map(|&(id, _)| id).collect();
+        return Err(DeviceError::NetCount {
+            given: overrides.len(),
+            saved: if ids.is_empty() {
+                "none".into()
+            } else {
+                ids.join(", ")
+            },
+        });
+    }
+    let names: Vec<&str> = if overrides.is_empty() {
+        nets.iter().map(|&(_, tap)| tap).collect()
+    } else {
+        overrides.iter().map(String::as_str).collect()
+    };
+    crate::boot::check_distinct_taps(names.iter().copied()).map_err(|e| {
+        DeviceError::BadDevice {
+            id: "virtio-net".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    let mut taps = HashMap::new();
+    for (&(id, _), name) in nets.iter().zip(names) {
+        let tap = Tap::open(name).map_err(|source| DeviceError::Tap {
+            id: id.to_string(),
+            source,
+        })?;
+        taps.insert(id.to_string(), tap);
+    }
+    Ok(taps)
 }
 
 /// A disk file that backs a restored virtio-blk device.
@@ -78,26 +146,33 @@ struct VirtioSlot {
 }
 
 /// The device thread's subscriber for one virtio device: serves a queue
-/// when its ioeventfd fires.
-struct QueueNotifier {
+/// when its ioeventfd fires, and the device's backend (a TAP) when its file
+/// descriptors are ready.
+struct VirtioNotifier {
     id: String,
     transport: Arc<Mutex<MmioTransport>>,
     queue_evts: Vec<EventFd>,
 }
 
-impl event_manager::MutEventSubscriber for QueueNotifier {
+impl event_manager::MutEventSubscriber for VirtioNotifier {
     fn init(&mut self, ops: &mut event_manager::EventOps) {
         for (index, evt) in self.queue_evts.iter().enumerate() {
-            let events =
-                event_manager::Events::with_data(evt, index as u32, event_manager::EventSet::IN);
+            let data = BACKEND_DATA_LIMIT | index as u32;
+            let events = event_manager::Events::with_data(evt, data, event_manager::EventSet::IN);
             if let Err(e) = ops.add(events) {
                 log::error!("{}: cannot watch queue {index}'s ioeventfd: {e}", self.id);
             }
         }
+        lock(&self.transport).init_backend(ops);
     }
 
-    fn process(&mut self, events: event_manager::Events, _: &mut event_manager::EventOps) {
-        let index = events.data() as usize;
+    fn process(&mut self, events: event_manager::Events, ops: &mut event_manager::EventOps) {
+        let data = events.data();
+        if data < BACKEND_DATA_LIMIT {
+            lock(&self.transport).backend_event(events, ops);
+            return;
+        }
+        let index = (data - BACKEND_DATA_LIMIT) as usize;
         if let Some(evt) = self.queue_evts.get(index) {
             // Several notifications may have piled up; one pass serves them all.
             let _ = evt.read();
@@ -265,7 +340,7 @@ impl DeviceManager {
             let evts: Result<Vec<EventFd>, _> =
                 slot.queue_evts.iter().map(EventFd::try_clone).collect();
             match evts {
-                Ok(queue_evts) => out.push(Arc::new(Mutex::new(QueueNotifier {
+                Ok(queue_evts) => out.push(Arc::new(Mutex::new(VirtioNotifier {
                     id: slot.id.clone(),
                     transport: slot.transport.clone(),
                     queue_evts,
@@ -296,11 +371,45 @@ impl DeviceManager {
         let index = self.virtio.len();
         let block = Block::new(file, read_only, format!("vmm-disk{index}"))
             .map_err(|source| DeviceError::Block { path: name, source })?;
-        let mem = vm.memory().clone();
-        let (base, gsi) = self.add_virtio(vm, device_id("virtio-blk", index), |irq| {
-            Ok(MmioTransport::new(mem, Box::new(block), irq))
+        self.add_virtio_device(vm, device_id("virtio-blk", index), Box::new(block))
+    }
+
+    /// Adds a virtio-net device on the existing TAP `tap` with `mac`;
+    /// returns the command-line fragment that declares it.
+    pub fn add_net(&mut self, vm: &Vm, tap: &str, mac: MacAddr) -> Result<String, DeviceError> {
+        let id = device_id("virtio-net", self.virtio.len());
+        let tap = Tap::open(tap).map_err(|source| DeviceError::Tap {
+            id: id.clone(),
+            source,
         })?;
+        let net = Net::new(tap, mac);
+        self.add_virtio_device(vm, id, Box::new(net))
+    }
+
+    /// Adds the entropy device.
+    pub fn add_rng(&mut self, vm: &Vm) -> Result<String, DeviceError> {
+        let id = device_id("virtio-rng", self.virtio.len());
+        self.add_virtio_device(vm, id, Box::new(Rng::new()))
+    }
+
+    fn add_virtio_device(
+        &mut self,
+        vm: &Vm,
+        id: String,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<String, DeviceError> {
+        let mem = vm.memory().clone();
+        let (base, gsi) =
+            self.add_virtio(vm, id, |irq| Ok(MmioTransport::new(mem, device, irq)))?;
         Ok(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
+    }
+
+    /// The VM was restored and runs again: each virtio device tells its
+    /// driver what changed (a network card asks to be announced).
+    pub fn restored(&self) {
+        for slot in &self.virtio {
+            lock(&slot.transport).restored();
+        }
     }
 
     /// Makes every device's work durable (the disk's writes reach the file)
@@ -338,14 +447,15 @@ impl DeviceManager {
         ];
         for slot in &self.virtio {
             let transport = lock(&slot.transport);
+            let (base, gsi) = (slot.base, slot.gsi);
             let state = if let Some(virtio) = devices::virtio::persist::save::<Block>(&transport) {
-                DeviceState::VirtioBlock(VirtioSlotState {
-                    base: slot.base,
-                    gsi: slot.gsi,
-                    virtio,
-                })
+                DeviceState::VirtioBlock(VirtioSlotState { base, gsi, virtio })
+            } else if let Some(virtio) = devices::virtio::persist::save::<Net>(&transport) {
+                DeviceState::VirtioNet(VirtioSlotState { base, gsi, virtio })
+            } else if let Some(virtio) = devices::virtio::persist::save::<Rng>(&transport) {
+                DeviceState::VirtioRng(VirtioSlotState { base, gsi, virtio })
             } else {
-                // Only block devices exist today; a new type gets its arm above.
+                // A new device type gets its arm above.
                 log::error!("{}: a virtio device of unknown type is not saved", slot.id);
                 continue;
             };
@@ -369,15 +479,19 @@ impl DeviceManager {
             .collect()
     }
 
-    /// Rebuilds the devices from their saved states. `disks` holds, by
-    /// device id, the file that now backs each virtio-blk device.
+    /// Rebuilds the devices from their saved states, attached to
+    /// `backends` (the disks by device id, TAPs that replace the saved ones).
     pub fn restore(
         vm: &Vm,
         saved: &[SavedDevice],
         console: Box<dyn std::io::Write + Send>,
         timeline: Arc<Timeline>,
-        mut disks: HashMap<String, DiskFile>,
+        backends: RestoreBackends,
     ) -> Result<Self, DeviceError> {
+        let RestoreBackends {
+            mut disks,
+            mut taps,
+        } = backends;
         for d in saved {
             if !id_matches(&d.id, &d.state) {
                 return Err(DeviceError::BadDevice {
@@ -423,36 +537,60 @@ impl DeviceManager {
             },
         )?;
         for d in saved {
-            let DeviceState::VirtioBlock(slot) = &d.state else {
-                continue;
+            let (base, gsi) = match &d.state {
+                DeviceState::VirtioBlock(s) => (s.base, s.gsi),
+                DeviceState::VirtioNet(s) => (s.base, s.gsi),
+                DeviceState::VirtioRng(s) => (s.base, s.gsi),
+                _ => continue,
             };
             let index = dm.virtio.len();
-            if (slot.base, slot.gsi) != virtio_slot(index) {
+            if (base, gsi) != virtio_slot(index) {
                 return Err(DeviceError::BadDevice {
                     id: d.id.clone(),
                     reason: format!(
-                        "virtio device {index} at {:#x} on GSI {}, expected {:x?}",
-                        slot.base,
-                        slot.gsi,
+                        "virtio device {index} at {base:#x} on GSI {gsi}, expected {:x?}",
                         virtio_slot(index)
                     ),
                 });
             }
-            let disk = disks
-                .remove(&d.id)
-                .ok_or_else(|| DeviceError::NoDisk(d.id.clone()))?;
-            let mut state = slot.virtio.clone();
-            state.device.path = disk.path;
             let mem = vm.memory().clone();
             let id = d.id.clone();
-            dm.add_virtio(vm, d.id.clone(), |irq| {
-                devices::virtio::persist::restore::<Block>(mem, irq, disk.file, &state).map_err(
-                    |e| match e {
-                        VirtioRestoreError::Device(source) => DeviceError::Restore { id, source },
-                        VirtioRestoreError::Transport(e) => restore_err(&id)(e),
-                    },
-                )
-            })?;
+            let restore_failed = |e: VirtioRestoreError| match e {
+                VirtioRestoreError::Device(source) => DeviceError::Restore {
+                    id: id.clone(),
+                    source,
+                },
+                VirtioRestoreError::Transport(e) => restore_err(&id)(e),
+            };
+            use devices::virtio::persist::restore as restore_virtio;
+            match &d.state {
+                DeviceState::VirtioBlock(slot) => {
+                    let disk = disks
+                        .remove(&d.id)
+                        .ok_or_else(|| DeviceError::NoDisk(d.id.clone()))?;
+                    let mut state = slot.virtio.clone();
+                    state.device.path = disk.path;
+                    dm.add_virtio(vm, d.id.clone(), |irq| {
+                        restore_virtio::<Block>(mem, irq, disk.file, &state).map_err(restore_failed)
+                    })?;
+                }
+                DeviceState::VirtioNet(slot) => {
+                    let tap = taps.remove(&d.id).ok_or_else(|| DeviceError::BadDevice {
+                        id: d.id.clone(),
+                        reason: "no TAP was opened for it".into(),
+                    })?;
+                    dm.add_virtio(vm, d.id.clone(), |irq| {
+                        restore_virtio::<Net>(mem, irq, tap, &slot.virtio).map_err(restore_failed)
+                    })?;
+                }
+                DeviceState::VirtioRng(slot) => {
+                    dm.add_virtio(vm, d.id.clone(), |irq| {
+                        restore_virtio::<Rng>(mem, irq, (), &slot.virtio).map_err(restore_failed)
+                    })?;
+                }
+                // Not virtio: restored with the legacy devices above.
+                _ => {}
+            }
         }
         if let Some(id) = disks.keys().next() {
             return Err(DeviceError::BadDevice {

@@ -8,6 +8,8 @@
 
 use devices::legacy::{I8042State, RtcState, SerialState};
 use devices::virtio::block::BlockState;
+use devices::virtio::net::NetState;
+use devices::virtio::rng::RngState;
 use devices::virtio::VirtioDeviceState;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +29,8 @@ pub enum DeviceState {
     StatusPort(StatusPortState),
     VirtioBlock(VirtioSlotState<BlockState>),
     Rtc(RtcState),
+    VirtioNet(VirtioSlotState<NetState>),
+    VirtioRng(VirtioSlotState<RngState>),
 }
 
 impl DeviceState {
@@ -38,6 +42,8 @@ impl DeviceState {
             DeviceState::StatusPort(_) => "status-port",
             DeviceState::VirtioBlock(_) => "virtio-blk",
             DeviceState::Rtc(_) => "rtc",
+            DeviceState::VirtioNet(_) => "virtio-net",
+            DeviceState::VirtioRng(_) => "virtio-rng",
         }
     }
 }
