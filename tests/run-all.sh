@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for cmd in gcc make flex bison bc mkfs.ext4 debugfs mmdebstrap unshare xz patch; do
+for cmd in gcc make flex bison bc mkfs.ext4 debugfs mmdebstrap unshare xz patch ip sysctl; do
     command -v "$cmd" >/dev/null || need+=("$cmd")
 done
 [ -f /usr/src/linux-source-6.1.tar.xz ] || need+=(linux-source)
@@ -15,7 +15,7 @@ if [ "${#need[@]}" -gt 0 ]; then
     echo "run-all: installing build dependencies (missing: ${need[*]})"
     apt-get update -qq
     apt-get install -y -qq build-essential flex bison bc libelf-dev libssl-dev \
-        e2fsprogs mmdebstrap util-linux xz-utils patch linux-source-6.1 >/dev/null
+        e2fsprogs mmdebstrap util-linux xz-utils patch linux-source-6.1 iproute2 procps >/dev/null
 fi
 command -v cargo >/dev/null || { echo "run-all: cargo is required (rustup)"; exit 1; }
 

@@ -1,6 +1,8 @@
 //! Helpers for the integration tests: they run the real `vmm` binary on real
 //! guests under KVM and assert on what the guest itself prints.
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -147,8 +149,22 @@ fn collect(
 impl Running {
     /// Starts `vmm args` in `dir`, with its stdin a pipe ([`Running::send`]).
     pub fn spawn(args: &[&str], dir: &Path) -> Running {
-        let mut child = Command::new(vmm_bin())
-            .args(args)
+        let mut cmd = Command::new(vmm_bin());
+        cmd.args(args);
+        Self::spawn_command(cmd, dir)
+    }
+
+    /// Starts `vmm args` inside the network namespace `ns`.
+    pub fn spawn_in(ns: &netns::NetNs, args: &[&str], dir: &Path) -> Running {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .arg(vmm_bin())
+            .args(args);
+        Self::spawn_command(cmd, dir)
+    }
+
+    fn spawn_command(mut cmd: Command, dir: &Path) -> Running {
+        let mut child = cmd
             .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -1,0 +1,137 @@
+//! Host <-> guest TCP over virtio-net and a TAP: round-trip latency of a
+//! 64-byte echo, and throughput each way, as medians with their spread.
+//!
+//!     VMM_BINS=old/vmm,new/vmm NET_BENCH_MIB=4 NET_BENCH_RUNS=3 \
+//!         cargo bench -p vmm-tests --bench net
+//!
+//! Each binary (the first is the baseline; default: the one under test)
+//! boots the default guest once, in its own network namespace, with the
+//! test server (`vmm-netserve`) as its command. The guest kernel is
+//! interpreted here, so every packet costs it milliseconds: expect figures
+//! in the hundreds of KB/s, bounded by the guest's network stack.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::time::{Duration, Instant};
+
+use vmm_tests::netns::{echo, NetNs, GUEST_IP};
+use vmm_tests::{rootfs_copy, Running, Scratch};
+
+const PORT: u16 = 7000;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn summary(label: &str, unit: &str, mut v: Vec<f64>) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let median = v[v.len() / 2];
+    println!(
+        "  {label:24} median {median:10.2} {unit}   min {:10.2}   max {:10.2}   n={}",
+        v[0],
+        v[v.len() - 1],
+        v.len()
+    );
+}
+
+fn bench(bin: &str, mib: usize, runs: usize) {
+    // The helpers read VMM_BIN on each spawn; this thread is the only one.
+    std::env::set_var("VMM_BIN", bin);
+    let s = Scratch::new("net-bench");
+    let ns = NetNs::new("bench");
+    let rootfs = rootfs_copy(&s.0);
+    let net = format!("tap={},ip={GUEST_IP}/24", ns.tap);
+    let port = PORT.to_string();
+    let mut vm = Running::spawn_in(
+        &ns,
+        &[
+            "run",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--net",
+            &net,
+            "--",
+            "vmm-netserve",
+            &port,
+        ],
+        &s.0,
+    );
+    assert!(
+        vm.wait_for(Duration::from_secs(900), |o| o.contains("listening on")),
+        "{}\n{}",
+        vm.output(),
+        vm.stderr()
+    );
+    println!("== {bin}");
+
+    let mut c = ns.connect(PORT, Duration::from_secs(60)).unwrap();
+    c.write_all(b"echo\n").unwrap();
+    let msg = [0x42u8; 64];
+    echo(&mut c, &msg).unwrap();
+    let rtt: Vec<f64> = (0..runs.max(1) * 10)
+        .map(|_| {
+            let t = Instant::now();
+            echo(&mut c, &msg).unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    summary("64-byte echo round trip", "ms", rtt);
+
+    let bytes = mib << 20;
+    let mut to_guest = Vec::new();
+    let mut from_guest = Vec::new();
+    for _ in 0..runs {
+        let mut sink = ns.connect(PORT, Duration::from_secs(10)).unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(3600)))
+            .unwrap();
+        let t = Instant::now();
+        sink.write_all(b"sink\n").unwrap();
+        let chunk = vec![0x33u8; 1 << 20];
+        for _ in 0..mib {
+            sink.write_all(&chunk).unwrap();
+        }
+        sink.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut line = String::new();
+        BufReader::new(&sink).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), bytes.to_string());
+        to_guest.push(bytes as f64 / 1e6 / t.elapsed().as_secs_f64());
+
+        let mut source = ns.connect(PORT, Duration::from_secs(10)).unwrap();
+        source
+            .set_read_timeout(Some(Duration::from_secs(3600)))
+            .unwrap();
+        let t = Instant::now();
+        source
+            .write_all(format!("source {bytes}\n").as_bytes())
+            .unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = source.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        assert_eq!(got, bytes);
+        from_guest.push(bytes as f64 / 1e6 / t.elapsed().as_secs_f64());
+    }
+    summary(&format!("host -> guest {mib} MiB"), "MB/s", to_guest);
+    summary(&format!("guest -> host {mib} MiB"), "MB/s", from_guest);
+    vm.kill();
+}
+
+fn main() {
+    let mib = env("NET_BENCH_MIB", 4);
+    let runs = env("NET_BENCH_RUNS", 3);
+    let bins: Vec<String> = match std::env::var("VMM_BINS") {
+        Ok(v) => v.split(',').map(str::to_string).collect(),
+        Err(_) => vec![vmm_tests::vmm_bin().display().to_string()],
+    };
+    println!("virtio-net over TAP, {runs} runs of {mib} MiB each way:");
+    for bin in &bins {
+        bench(bin, mib, runs);
+    }
+}
