@@ -325,6 +325,12 @@ impl MmioTransport {
         self.device.init_backend(ops);
     }
 
+    /// Lets the device start or stop watching file descriptors (see
+    /// [`VirtioDevice::update_backend`]).
+    pub fn update_backend(&mut self, ops: &mut EventOps) {
+        self.device.update_backend(ops);
+    }
+
     /// One of the backend's file descriptors is ready.
     pub fn backend_event(&mut self, events: Events, ops: &mut EventOps) {
         let running = self.activated && self.status & status::DEVICE_NEEDS_RESET == 0;

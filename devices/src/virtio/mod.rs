@@ -2,7 +2,7 @@
 //!
 //! [`MmioTransport`] owns the register window, the queues and the
 //! [`Interrupt`]; a [`VirtioDevice`] behind it ([`block::Block`],
-//! [`net::Net`], [`rng::Rng`]) serves the requests. The VMM routes QueueNotify through an ioeventfd to its
+//! [`net::Net`], [`rng::Rng`], [`vsock::Vsock`]) serves the requests. The VMM routes QueueNotify through an ioeventfd to its
 //! device thread, which calls [`MmioTransport::notify_queue`]; a request is
 //! served whole under the transport's lock, and
 //! [`MmioTransport::drain`] serves what is left before a pause. A device
@@ -10,10 +10,12 @@
 //! descriptors on the same thread ([`VirtioDevice::init_backend`]).
 
 pub mod block;
+pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod persist;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -204,6 +206,10 @@ pub trait VirtioDevice: Send + std::any::Any {
     ) -> Result<(), QueueError> {
         Ok(())
     }
+    /// Called on the device thread after each queue notification and
+    /// backend event: the moment to start or stop watching file descriptors
+    /// that serving a queue opened or closed (vsock's connections).
+    fn update_backend(&mut self, _ops: &mut EventOps) {}
     /// The VM was restored from an image and is about to run again: the
     /// moment to tell the guest what changed under it (a network device
     /// asks it to announce itself, vsock resets its connections). Called

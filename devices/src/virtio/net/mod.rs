@@ -23,12 +23,13 @@ use std::io;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 pub use persist::NetState;
 pub use tap::{Tap, TapError};
 
+use super::chain::{next_chain, write_to_chain};
 use super::{
     read_config_bytes, ActivateError, Active, Interrupt, QueueError, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -133,7 +134,6 @@ pub struct Net {
     /// in `rx_buf`.
     pending: Option<usize>,
     rx_buf: Vec<u8>,
-    tx_buf: Vec<u8>,
 }
 
 /// How one pass over the receive path ended.
@@ -154,7 +154,6 @@ impl Net {
             active: None,
             pending: None,
             rx_buf: vec![0; MAX_FRAME],
-            tx_buf: Vec::with_capacity(MAX_FRAME),
         }
     }
 
@@ -263,28 +262,14 @@ impl Net {
         loop {
             queue.disable_notification(&mem)?;
             while let Some(chain) = next_chain(queue, &mem)? {
-                self.tx_buf.clear();
-                let mut ok = true;
-                for d in chain.descs.iter().filter(|d| !d.write) {
-                    let start = self.tx_buf.len();
-                    let len = d.len as usize;
-                    if start + len > MAX_FRAME {
-                        ok = false;
-                        break;
+                match chain.read_all(&mem, MAX_FRAME + 1) {
+                    Some(f) if f.len() > tap::VNET_HDR_LEN && f.len() <= MAX_FRAME => {
+                        if let Err(e) = self.tap.write_frame(&f) {
+                            // A full or downed TAP drops the frame, as a wire would.
+                            log::debug!("virtio-net: write to {} failed: {e}", self.tap.name());
+                        }
                     }
-                    self.tx_buf.resize(start + len, 0);
-                    if mem.read_slice(&mut self.tx_buf[start..], d.addr).is_err() {
-                        ok = false;
-                        break;
-                    }
-                }
-                if ok && self.tx_buf.len() > tap::VNET_HDR_LEN {
-                    if let Err(e) = self.tap.write_frame(&self.tx_buf) {
-                        // A full or downed TAP drops the frame, as a wire would.
-                        log::debug!("virtio-net: write to {} failed: {e}", self.tap.name());
-                    }
-                } else {
-                    log::debug!("virtio-net: malformed transmit chain dropped");
+                    _ => log::debug!("virtio-net: malformed transmit chain dropped"),
                 }
                 queue.add_used(&mem, chain.head, 0)?;
                 used_any = true;
@@ -336,52 +321,6 @@ impl Net {
         }
         Ok(())
     }
-}
-
-/// One descriptor of a chain.
-#[derive(Clone, Copy, Debug)]
-struct Desc {
-    addr: GuestAddress,
-    len: u32,
-    write: bool,
-}
-
-struct Chain {
-    head: u16,
-    descs: Vec<Desc>,
-}
-
-/// The next chain the driver made available, if any.
-fn next_chain(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<Chain>, QueueError> {
-    let Some(chain) = queue.iter(mem)?.next() else {
-        return Ok(None);
-    };
-    let head = chain.head_index();
-    let descs = chain
-        .take(usize::from(QUEUE_SIZE))
-        .map(|d| Desc {
-            addr: d.addr(),
-            len: d.len(),
-            write: d.is_write_only(),
-        })
-        .collect();
-    Ok(Some(Chain { head, descs }))
-}
-
-/// Scatters `data` over the chain's writable buffers; returns how much fit.
-fn write_to_chain(mem: &GuestMemoryMmap, descs: &[Desc], data: &[u8]) -> usize {
-    let mut done = 0;
-    for d in descs.iter().filter(|d| d.write) {
-        if done == data.len() {
-            break;
-        }
-        let n = (d.len as usize).min(data.len() - done);
-        if mem.write_slice(&data[done..done + n], d.addr).is_err() {
-            return done;
-        }
-        done += n;
-    }
-    done
 }
 
 impl VirtioDevice for Net {
