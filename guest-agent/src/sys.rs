@@ -498,6 +498,73 @@ impl NetConfigSocket {
     }
 }
 
+/// AF_VSOCK stream sockets: the guest's channel to the host.
+pub mod vsock {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use super::check;
+
+    /// The host's context id.
+    pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
+
+    fn addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+        libc::sockaddr_vm {
+            svm_family: libc::AF_VSOCK as libc::sa_family_t,
+            svm_reserved1: 0,
+            svm_port: port,
+            svm_cid: cid,
+            svm_zero: [0; 4],
+        }
+    }
+
+    fn socket() -> io::Result<OwnedFd> {
+        // SAFETY: socket(2) takes no pointers; the result is checked.
+        let fd = check(unsafe {
+            libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
+        })?;
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+    /// A socket listening on `port` for any CID.
+    pub fn listen(port: u32) -> io::Result<OwnedFd> {
+        let fd = socket()?;
+        let a = addr(libc::VMADDR_CID_ANY, port);
+        // SAFETY: `a` is a sockaddr_vm of ADDR_LEN bytes, alive for the call.
+        check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const a).cast(), ADDR_LEN) })?;
+        // SAFETY: listen(2) takes no pointers.
+        check(unsafe { libc::listen(fd.as_raw_fd(), 128) })?;
+        Ok(fd)
+    }
+
+    /// The next connection on a listening socket.
+    pub fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
+        // SAFETY: null address pointers are allowed: the peer is not asked for.
+        let fd = check(unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        })?;
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// A connection to `port` of context `cid`.
+    pub fn connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+        let fd = socket()?;
+        let a = addr(cid, port);
+        // SAFETY: `a` is a sockaddr_vm of ADDR_LEN bytes, alive for the call.
+        check(unsafe { libc::connect(fd.as_raw_fd(), (&raw const a).cast(), ADDR_LEN) })?;
+        Ok(fd)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

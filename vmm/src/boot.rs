@@ -95,6 +95,51 @@ impl NetConfig {
     }
 }
 
+/// `--vsock cid=N,uds=PATH`: the guest's context id and the host socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VsockConfigError {
+    #[error("--vsock {0:?}: cid=N and uds=PATH are both required")]
+    Missing(String),
+    #[error("--vsock: cid {0:?} is not a number")]
+    Cid(String),
+    #[error("--vsock: {0}")]
+    BadCid(String),
+    #[error("--vsock: unknown key {0:?} (known: cid, uds)")]
+    UnknownKey(String),
+}
+
+impl FromStr for VsockConfig {
+    type Err = VsockConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut cid, mut uds) = (None, None);
+        for kv in s.split(',') {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            match k {
+                "cid" => {
+                    let n: u64 = v.parse().map_err(|_| VsockConfigError::Cid(v.into()))?;
+                    devices::virtio::vsock::check_cid(n)
+                        .map_err(|e| VsockConfigError::BadCid(e.to_string()))?;
+                    cid = Some(n);
+                }
+                "uds" if !v.is_empty() => uds = Some(PathBuf::from(v)),
+                "uds" => return Err(VsockConfigError::Missing(s.into())),
+                other => return Err(VsockConfigError::UnknownKey(other.into())),
+            }
+        }
+        match (cid, uds) {
+            (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
+            _ => Err(VsockConfigError::Missing(s.into())),
+        }
+    }
+}
+
 /// Refuses two network devices on one TAP (the second would find it busy,
 /// after the first had attached).
 pub fn check_distinct_taps<'a>(taps: impl IntoIterator<Item = &'a str>) -> Result<(), ConfigError> {
@@ -122,6 +167,7 @@ pub struct VmConfig {
     pub command: Vec<String>,
     /// Network devices, in the order the guest sees them (eth0 first).
     pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +282,7 @@ mod tests {
             api_sock: None,
             command: vec![],
             nets: vec![],
+            vsock: None,
         }
     }
 
@@ -315,6 +362,23 @@ mod tests {
             ("tap=t,speed=10", "unknown key"),
         ] {
             let e = bad.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn vsock_options_parse() {
+        let v: VsockConfig = "cid=3,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!((v.cid, v.uds), (3, PathBuf::from("/tmp/v.sock")));
+        for (bad, want) in [
+            ("cid=3", "both required"),
+            ("uds=/tmp/v", "both required"),
+            ("cid=2,uds=/tmp/v", "reserved"),
+            ("cid=4294967295,uds=/tmp/v", "reserved"),
+            ("cid=x,uds=/tmp/v", "not a number"),
+            ("cid=3,uds=/tmp/v,port=1", "unknown key"),
+        ] {
+            let e = bad.parse::<VsockConfig>().unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");
         }
     }

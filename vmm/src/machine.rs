@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crate::arch::cpuid::CpuTemplate;
 use crate::arch::{loader, regs};
 use crate::boot::{build_cmdline, ConfigError, VmConfig};
-use crate::device_manager::{self, DeviceError, DeviceManager, RestoreBackends};
+use crate::device_manager::{self, DeviceError, DeviceManager, RestoreBackends, RestoreOverrides};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::events::VmEvent;
 use crate::host::{self, HostError};
@@ -122,6 +122,9 @@ impl Machine {
             device_args.push(devices.add_net(&vm, &net.tap, mac)?);
             net_specs.extend(net.spec(mac));
         }
+        if let Some(v) = &cfg.vsock {
+            device_args.push(devices.add_vsock(&vm, v.cid, &v.uds)?);
+        }
         device_args.push(devices.add_rng(&vm)?);
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
@@ -156,12 +159,12 @@ impl Machine {
     }
 
     /// Reads an image from `from` and builds the VM it describes, paused.
-    /// Its disks are materialized in `disk_dir`; its network devices attach
-    /// to `taps` (in order) instead of their saved TAPs, if given.
+    /// Its disks are materialized in `disk_dir`; its host ends (TAPs, the
+    /// vsock socket) are the saved ones unless `overrides` says otherwise.
     pub fn restore(
         from: Box<dyn Read>,
         disk_dir: &Path,
-        taps: Vec<String>,
+        overrides: &RestoreOverrides,
         console: Box<dyn std::io::Write + Send>,
         events: Sender<VmEvent>,
         timeline: Arc<Timeline>,
@@ -173,9 +176,9 @@ impl Machine {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(MachineError::SupportedCpuid)?;
         host::check(image.header(), image.state(), supported.as_slice())?;
-        let taps = device_manager::open_taps(&image.state().devices, &taps)?;
+        let mut backends = device_manager::open_backends(&image.state().devices, overrides)?;
         let (state, disks) = image.read_contents(vm.ram(), disk_dir)?;
-        let backends = RestoreBackends { disks, taps };
+        backends.disks = disks;
         Self::from_state(vm, &state, backends, console, events, timeline)
     }
 

@@ -62,6 +62,12 @@ struct RunArgs {
     /// configures the interface (and the default route through gw=).
     #[arg(long, value_name = "tap=NAME,...")]
     net: Vec<vmm::boot::NetConfig>,
+    /// Add a virtio-vsock device: the guest's context id (3 or above) and
+    /// the host socket. A host program connects to PATH and writes
+    /// "CONNECT <port>\n" to reach a guest listener; a guest connecting to
+    /// the host (CID 2) on port P reaches PATH_P.
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<vmm::boot::VsockConfig>,
     /// Print boot milestones (first guest instruction, first console output,
     /// agent start, exit; ms from process start) as a JSON line on stderr at exit.
     #[arg(long)]
@@ -99,6 +105,10 @@ struct RestoreArgs {
     /// image run side by side.
     #[arg(long, value_name = "tap=NAME")]
     net: Vec<RestoreNet>,
+    /// Listen for the image's vsock device on this socket instead of the
+    /// saved path (uds=PATH), so clones run side by side.
+    #[arg(long, value_name = "uds=PATH")]
+    vsock: Option<RestoreVsock>,
     /// Print restore milestones as a JSON line on stderr at exit.
     #[arg(long)]
     timings: bool,
@@ -265,11 +275,34 @@ impl std::str::FromStr for RestoreNet {
     }
 }
 
+/// `vmm restore --vsock uds=PATH`: the guest keeps its CID.
+#[derive(Clone)]
+struct RestoreVsock(PathBuf);
+
+impl std::str::FromStr for RestoreVsock {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("uds=") {
+            Some(p) if !p.is_empty() && !p.contains(',') => Ok(RestoreVsock(p.into())),
+            _ => Err("expected uds=PATH (a restored guest keeps its CID)".into()),
+        }
+    }
+}
+
 fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
     let from = open_image(args.from.as_str())?;
-    let taps = args.net.into_iter().map(|n| n.0).collect();
-    let finished = runner::restore(from, &args.disk_dir, taps, args.api_sock.as_deref(), start)
-        .with_context(|| format!("cannot restore from {}", args.from))?;
+    let overrides = vmm::device_manager::RestoreOverrides {
+        taps: args.net.into_iter().map(|n| n.0).collect(),
+        vsock_uds: args.vsock.map(|v| v.0),
+    };
+    let finished = runner::restore(
+        from,
+        &args.disk_dir,
+        &overrides,
+        args.api_sock.as_deref(),
+        start,
+    )
+    .with_context(|| format!("cannot restore from {}", args.from))?;
     if args.timings {
         eprintln!("{}", finished.timings);
     }
@@ -318,6 +351,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
         api_sock: args.api_sock,
         command: args.command,
         nets: args.net,
+        vsock: args.vsock,
     };
     let timings = args.timings;
     let finished = runner::run(cfg, start).context("cannot run the VM")?;

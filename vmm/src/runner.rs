@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::{ApiError, ApiServer, VmInfo};
 use crate::boot::VmConfig;
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceManager, RestoreOverrides};
 use crate::events::{ApiRequest, SnapshotRequest, StopReason, VmEvent};
 use crate::image::{self, ImageError};
 use crate::machine::{Lifecycle, Machine, MachineError};
@@ -72,7 +72,7 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
 pub fn restore(
     from: Box<dyn Read>,
     disk_dir: &Path,
-    taps: Vec<String>,
+    overrides: &RestoreOverrides,
     api_sock: Option<&Path>,
     start: Instant,
 ) -> Result<Finished, RunError> {
@@ -81,7 +81,7 @@ pub fn restore(
     let machine = Machine::restore(
         from,
         disk_dir,
-        taps,
+        overrides,
         Box::new(std::io::stdout()),
         events_tx.clone(),
         timeline,

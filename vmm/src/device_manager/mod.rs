@@ -15,6 +15,7 @@ use devices::virtio::block::Block;
 use devices::virtio::mmio::reg::QUEUE_NOTIFY;
 use devices::virtio::net::{MacAddr, Net, Tap, TapError};
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::{HostListener, Vsock, VsockError};
 use devices::virtio::{MmioTransport, VirtioDevice, VirtioRestoreError, BACKEND_DATA_LIMIT};
 use devices::Persist;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -66,6 +67,14 @@ pub enum DeviceError {
         #[source]
         source: TapError,
     },
+    #[error("cannot set up {id}")]
+    Vsock {
+        id: String,
+        #[source]
+        source: VsockError,
+    },
+    #[error("--vsock is given to restore, but the image has no vsock device")]
+    NoVsock,
     #[error(
         "--net is given {given} times, the image's network devices are: {saved} (one --net each)"
     )]
@@ -73,18 +82,56 @@ pub enum DeviceError {
 }
 
 /// What a restore attaches that the image only names, by device id: the
-/// disks, and the TAPs ([`open_taps`]).
+/// disks, the TAPs and the vsock's host socket ([`open_backends`]).
 #[derive(Default)]
 pub struct RestoreBackends {
     pub disks: HashMap<String, DiskFile>,
     pub taps: HashMap<String, Tap>,
+    pub vsock: Option<HostListener>,
+}
+
+/// Where a restored VM's host ends go instead of the saved ones.
+#[derive(Debug, Default, Clone)]
+pub struct RestoreOverrides {
+    /// One TAP per network device, in order; empty keeps the saved TAPs.
+    pub taps: Vec<String>,
+    /// The vsock's host socket; None keeps the saved path.
+    pub vsock_uds: Option<PathBuf>,
+}
+
+/// Opens the host ends of the saved devices: TAPs and the vsock socket.
+/// Done before anything of the image is written out, so a missing or busy
+/// TAP, or a socket path in use, costs nothing and leaves nothing.
+pub fn open_backends(
+    saved: &[SavedDevice],
+    overrides: &RestoreOverrides,
+) -> Result<RestoreBackends, DeviceError> {
+    let taps = open_taps(saved, &overrides.taps)?;
+    let vsock = saved.iter().find_map(|d| match &d.state {
+        DeviceState::VirtioVsock(s) => Some((d.id.as_str(), &s.virtio.device)),
+        _ => None,
+    });
+    let vsock = match (vsock, &overrides.vsock_uds) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(DeviceError::NoVsock),
+        (Some((id, state)), path) => {
+            let path = path.as_ref().unwrap_or(&state.uds);
+            Some(HostListener::bind(path).map_err(|e| DeviceError::Vsock {
+                id: id.to_string(),
+                source: e.into(),
+            })?)
+        }
+    };
+    Ok(RestoreBackends {
+        disks: HashMap::new(),
+        taps,
+        vsock,
+    })
 }
 
 /// Opens the TAP of each saved network device: `overrides` in the order of
-/// the devices (one per device), or the saved TAPs if empty. Done before
-/// anything of the image is written out, so a missing or busy TAP costs
-/// nothing.
-pub fn open_taps(
+/// the devices (one per device), or the saved TAPs if empty.
+fn open_taps(
     saved: &[SavedDevice],
     overrides: &[String],
 ) -> Result<HashMap<String, Tap>, DeviceError> {
@@ -168,16 +215,18 @@ impl event_manager::MutEventSubscriber for VirtioNotifier {
 
     fn process(&mut self, events: event_manager::Events, ops: &mut event_manager::EventOps) {
         let data = events.data();
+        let mut transport = lock(&self.transport);
         if data < BACKEND_DATA_LIMIT {
-            lock(&self.transport).backend_event(events, ops);
-            return;
+            transport.backend_event(events, ops);
+        } else {
+            let index = (data - BACKEND_DATA_LIMIT) as usize;
+            if let Some(evt) = self.queue_evts.get(index) {
+                // Several notifications may have piled up; one pass serves them all.
+                let _ = evt.read();
+                transport.notify_queue(index);
+            }
         }
-        let index = (data - BACKEND_DATA_LIMIT) as usize;
-        if let Some(evt) = self.queue_evts.get(index) {
-            // Several notifications may have piled up; one pass serves them all.
-            let _ = evt.read();
-            lock(&self.transport).notify_queue(index);
-        }
+        transport.update_backend(ops);
     }
 }
 
@@ -386,6 +435,16 @@ impl DeviceManager {
         self.add_virtio_device(vm, id, Box::new(net))
     }
 
+    /// Adds the vsock device for guest `cid`, listening on `uds`.
+    pub fn add_vsock(&mut self, vm: &Vm, cid: u64, uds: &Path) -> Result<String, DeviceError> {
+        let id = device_id("virtio-vsock", self.virtio.len());
+        let vsock = Vsock::new(cid, uds).map_err(|source| DeviceError::Vsock {
+            id: id.clone(),
+            source,
+        })?;
+        self.add_virtio_device(vm, id, Box::new(vsock))
+    }
+
     /// Adds the entropy device.
     pub fn add_rng(&mut self, vm: &Vm) -> Result<String, DeviceError> {
         let id = device_id("virtio-rng", self.virtio.len());
@@ -454,6 +513,8 @@ impl DeviceManager {
                 DeviceState::VirtioNet(VirtioSlotState { base, gsi, virtio })
             } else if let Some(virtio) = devices::virtio::persist::save::<Rng>(&transport) {
                 DeviceState::VirtioRng(VirtioSlotState { base, gsi, virtio })
+            } else if let Some(virtio) = devices::virtio::persist::save::<Vsock>(&transport) {
+                DeviceState::VirtioVsock(VirtioSlotState { base, gsi, virtio })
             } else {
                 // A new device type gets its arm above.
                 log::error!("{}: a virtio device of unknown type is not saved", slot.id);
@@ -491,6 +552,7 @@ impl DeviceManager {
         let RestoreBackends {
             mut disks,
             mut taps,
+            mut vsock,
         } = backends;
         for d in saved {
             if !id_matches(&d.id, &d.state) {
@@ -541,6 +603,7 @@ impl DeviceManager {
                 DeviceState::VirtioBlock(s) => (s.base, s.gsi),
                 DeviceState::VirtioNet(s) => (s.base, s.gsi),
                 DeviceState::VirtioRng(s) => (s.base, s.gsi),
+                DeviceState::VirtioVsock(s) => (s.base, s.gsi),
                 _ => continue,
             };
             let index = dm.virtio.len();
@@ -586,6 +649,16 @@ impl DeviceManager {
                 DeviceState::VirtioRng(slot) => {
                     dm.add_virtio(vm, d.id.clone(), |irq| {
                         restore_virtio::<Rng>(mem, irq, (), &slot.virtio).map_err(restore_failed)
+                    })?;
+                }
+                DeviceState::VirtioVsock(slot) => {
+                    let host = vsock.take().ok_or_else(|| DeviceError::BadDevice {
+                        id: d.id.clone(),
+                        reason: "no host socket was opened for it".into(),
+                    })?;
+                    dm.add_virtio(vm, d.id.clone(), |irq| {
+                        restore_virtio::<Vsock>(mem, irq, host, &slot.virtio)
+                            .map_err(restore_failed)
                     })?;
                 }
                 // Not virtio: restored with the legacy devices above.

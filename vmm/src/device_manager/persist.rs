@@ -10,6 +10,7 @@ use devices::legacy::{I8042State, RtcState, SerialState};
 use devices::virtio::block::BlockState;
 use devices::virtio::net::NetState;
 use devices::virtio::rng::RngState;
+use devices::virtio::vsock::VsockState;
 use devices::virtio::VirtioDeviceState;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,7 @@ pub enum DeviceState {
     Rtc(RtcState),
     VirtioNet(VirtioSlotState<NetState>),
     VirtioRng(VirtioSlotState<RngState>),
+    VirtioVsock(VirtioSlotState<VsockState>),
 }
 
 impl DeviceState {
@@ -44,6 +46,7 @@ impl DeviceState {
             DeviceState::Rtc(_) => "rtc",
             DeviceState::VirtioNet(_) => "virtio-net",
             DeviceState::VirtioRng(_) => "virtio-rng",
+            DeviceState::VirtioVsock(_) => "virtio-vsock",
         }
     }
 }
