@@ -2,6 +2,7 @@
 //! guests under KVM and assert on what the guest itself prints.
 
 pub mod netns;
+pub mod vsock;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

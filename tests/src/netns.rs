@@ -122,9 +122,8 @@ impl Drop for NetNs {
     }
 }
 
-/// Sends `msg` on an `echo` connection and reads it back.
-pub fn echo(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::{Read, Write};
+/// Sends `msg` on an `echo` connection (TCP or vsock) and reads it back.
+pub fn echo<S: std::io::Read + std::io::Write>(s: &mut S, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     s.write_all(msg)?;
     let mut back = vec![0u8; msg.len()];
     s.read_exact(&mut back)?;

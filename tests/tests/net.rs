@@ -1,22 +1,29 @@
-//! virtio-net over TAP and virtio-rng in the default Linux guest: a TCP
-//! server in the guest answers a client on the host; a connection survives
-//! a checkpoint-and-continue; clones of one image run side by side on
-//! their own TAPs and announce themselves; bad network options are refused
-//! before anything starts.
+//! virtio-net over TAP, virtio-vsock over Unix sockets and virtio-rng in
+//! the default Linux guest: a TCP server in the guest answers a client on
+//! the host; connections (TCP and vsock) survive a checkpoint-and-continue;
+//! clones of one image run side by side on their own TAPs and announce
+//! themselves; a restore resets vsock connections so the guest sees an
+//! error, not a hang; bad options are refused before anything starts.
 //!
 //! One Linux boot for the whole binary ([`booted`]); the other tests
 //! restore its image.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use vmm_tests::netns::{echo, NetNs, GUEST_IP, HOST_IP};
+use vmm_tests::vsock;
 use vmm_tests::{kvm_available, rootfs_copy, vmm_bin, vmm_in, Running, Scratch};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 const PORT: u16 = 7000;
+/// The guest's vsock listener, and the host port its holder connects to.
+const VSOCK_PORT: u32 = 5000;
+const HOLD_PORT: u32 = 6000;
+const CID: &str = "7";
 
 /// What the one boot left for the other tests.
 struct Booted {
@@ -46,8 +53,12 @@ fn booted() -> &'static Booted {
         let script = format!(
             "echo rng=$(cat /sys/class/misc/hw_random/rng_current); \
              echo entropy=$(cat /proc/sys/kernel/random/entropy_avail); \
+             vmm-netserve --vsock {VSOCK_PORT} & vmm-netserve --vsock-hold {HOLD_PORT} & \
              exec vmm-netserve {PORT}"
         );
+        let uds = dir.join("v.sock");
+        let hold = UnixListener::bind(dir.join(format!("v.sock_{HOLD_PORT}"))).unwrap();
+        let vsock_arg = format!("cid={CID},uds={}", uds.display());
         let mut vm = Running::spawn_in(
             &ns,
             &[
@@ -56,6 +67,8 @@ fn booted() -> &'static Booted {
                 rootfs.to_str().unwrap(),
                 "--net",
                 &net,
+                "--vsock",
+                &vsock_arg,
                 "--api-sock",
                 sock.to_str().unwrap(),
                 "--",
@@ -67,12 +80,22 @@ fn booted() -> &'static Booted {
         );
         assert!(
             vm.wait_for(BOOT_TIMEOUT, |o| o
-                .contains(&format!("listening on {PORT}"))),
-            "the server did not start:\n{}\n{}",
+                .contains(&format!("listening on {PORT}"))
+                && o.contains("vsock-hold connected 1")
+                && o.contains("vsock listening")),
+            "the servers did not start:\n{}\n{}",
             vm.output(),
             vm.stderr()
         );
         let console = vm.output();
+        // The guest connected to the host: its connection is here.
+        let (mut held, _) = hold.accept().unwrap();
+        held.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        assert_eq!(echo(&mut held, b"held 1").unwrap(), b"held 1");
+        let (mut vconn, _) = vsock::connect(&uds, VSOCK_PORT).expect("host -> guest vsock");
+        vconn.write_all(b"echo\n").unwrap();
+        assert_eq!(echo(&mut vconn, b"vsock before").unwrap(), b"vsock before");
 
         let mut conn = ns
             .connect(PORT, Duration::from_secs(60))
@@ -114,6 +137,14 @@ fn booted() -> &'static Booted {
         assert_eq!(
             echo(&mut conn, b"after the checkpoint").unwrap(),
             b"after the checkpoint"
+        );
+        // vsock connections both ways too.
+        assert_eq!(echo(&mut held, b"held 2").unwrap(), b"held 2");
+        assert_eq!(echo(&mut vconn, b"vsock after").unwrap(), b"vsock after");
+        assert!(
+            !vm.output().contains("vsock-hold lost"),
+            "a checkpoint-and-continue reset vsock:\n{}",
+            vm.output()
         );
         let mac = ns.neighbour().expect("the host learned the guest's MAC");
         drop(conn);
@@ -159,11 +190,12 @@ fn virtio_rng_is_the_guests_hardware_rng() {
     assert!(entropy > 0, "{console}");
 }
 
-/// Restores the image into `ns` (on its TAP), in its own directory.
-fn restore_into(ns: &NetNs, b: &Booted, tag: &str) -> Running {
-    let dir = b.dir.join(tag);
-    std::fs::create_dir_all(&dir).unwrap();
+/// Restores the image into `ns` (on its TAP), in its own directory `dir`,
+/// with the vsock socket at `dir/v.sock`.
+fn restore_into(ns: &NetNs, b: &Booted, dir: &Path) -> Running {
+    std::fs::create_dir_all(dir).unwrap();
     let tap = format!("tap={}", ns.tap);
+    let uds = format!("uds={}", dir.join("v.sock").display());
     Running::spawn_in(
         ns,
         &[
@@ -172,8 +204,10 @@ fn restore_into(ns: &NetNs, b: &Booted, tag: &str) -> Running {
             b.image.to_str().unwrap(),
             "--net",
             &tap,
+            "--vsock",
+            &uds,
         ],
-        &dir,
+        dir,
     )
 }
 
@@ -196,8 +230,8 @@ fn clones_of_one_image_serve_side_by_side_on_their_own_taps() {
     }
     let b = booted();
     let (ns1, ns2) = (NetNs::new("b"), NetNs::new("c"));
-    let mut vm1 = restore_into(&ns1, b, "clone1");
-    let mut vm2 = restore_into(&ns2, b, "clone2");
+    let mut vm1 = restore_into(&ns1, b, &b.dir.join("clone1"));
+    let mut vm2 = restore_into(&ns2, b, &b.dir.join("clone2"));
     for (ns, vm) in [(&ns1, &mut vm1), (&ns2, &mut vm2)] {
         // Nothing sent to the guest yet: only its announcement can have
         // taught the namespace its MAC.
@@ -221,19 +255,78 @@ fn clones_of_one_image_serve_side_by_side_on_their_own_taps() {
     // Both still serve, a bulk transfer each way included.
     let mut sink = ns1.connect(PORT, Duration::from_secs(10)).unwrap();
     sink.write_all(b"sink\n").unwrap();
-    sink.write_all(&vec![7u8; 256 << 10]).unwrap();
+    let data = vec![7u8; 256 << 10];
+    sink.write_all(&data).unwrap();
     sink.shutdown(std::net::Shutdown::Write).unwrap();
     let mut line = String::new();
     BufReader::new(&sink).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), (256 << 10).to_string());
+    let want = format!(
+        "{} {:016x}",
+        data.len(),
+        vsock::fnv(vsock::FNV_START, &data)
+    );
+    assert_eq!(line.trim(), want);
     let mut source = ns2.connect(PORT, Duration::from_secs(10)).unwrap();
     source.write_all(b"source 262144\n").unwrap();
-    let mut got = Vec::new();
-    std::io::Read::read_to_end(&mut source, &mut got).unwrap();
-    assert_eq!(got.len(), 262144);
-    assert!(got.iter().all(|&b| b == 0x5a));
+    assert_eq!(vsock::read_pattern(&mut source).unwrap(), 262144);
     vm1.kill();
     vm2.kill();
+}
+
+#[test]
+fn a_restore_resets_vsock_connections_and_new_ones_work() {
+    if !kvm_available("a_restore_resets_vsock_connections_and_new_ones_work") {
+        return;
+    }
+    let b = booted();
+    let ns = NetNs::new("e");
+    let dir = b.dir.join("vsock-restore");
+    std::fs::create_dir_all(&dir).unwrap();
+    let hold = UnixListener::bind(dir.join(format!("v.sock_{HOLD_PORT}"))).unwrap();
+    let mut vm = restore_into(&ns, b, &dir);
+    // The guest's connection from before the snapshot fails at once (the
+    // transport reset), and the guest connects again: to the new path.
+    assert!(
+        vm.wait_for(Duration::from_secs(60), |o| o
+            .contains("vsock-hold connected 2")),
+        "the guest did not reconnect:\n{}\n{}",
+        vm.output(),
+        vm.stderr()
+    );
+    let out = vm.output();
+    assert!(
+        out.contains("vsock-hold lost: Connection reset by peer"),
+        "{out}"
+    );
+    let (mut held, _) = hold.accept().unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    assert_eq!(echo(&mut held, b"held again").unwrap(), b"held again");
+
+    let uds = dir.join("v.sock");
+    // 64 MiB from the guest through one connection, every byte checked,
+    // and 1 MiB to it, checked by its FNV-1a.
+    let (mut s, _) = vsock::connect(&uds, VSOCK_PORT).unwrap();
+    s.write_all(format!("source {}\n", 64u64 << 20).as_bytes())
+        .unwrap();
+    assert_eq!(vsock::read_pattern(&mut s).unwrap(), 64 << 20);
+    let (mut s, _) = vsock::connect(&uds, VSOCK_PORT).unwrap();
+    vsock::sink_pattern(&mut s, 1 << 20).unwrap();
+
+    // 100 connections opened, used and closed, one after the other.
+    let mut ports = std::collections::HashSet::new();
+    for i in 0..100 {
+        let (mut c, port) = vsock::connect(&uds, VSOCK_PORT)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}\n{}", vm.stderr()));
+        c.write_all(b"echo\n").unwrap();
+        let msg = format!("connection {i}");
+        assert_eq!(echo(&mut c, msg.as_bytes()).unwrap(), msg.as_bytes());
+        ports.insert(port);
+    }
+    assert_eq!(ports.len(), 100, "each connection has its own host port");
+    // A port nobody listens on in the guest: refused, not hung.
+    assert!(vsock::connect(&uds, 4999).is_err());
+    vm.kill();
 }
 
 #[test]
@@ -258,7 +351,36 @@ fn bad_network_options_are_refused_before_the_guest_starts() {
         err
     };
     let tap = format!("tap={}", ns.tap);
+    let notes = s.0.join("notes.txt");
+    std::fs::write(&notes, "data").unwrap();
+    let not_a_socket = format!("cid=3,uds={}", notes.display());
+    let restore_uds = format!("uds={}", notes.display());
+    let image = b.image.to_str().unwrap();
     for (args, want) in [
+        (
+            vec!["run", "--kernel", k, "--vsock", "cid=2,uds=v.sock"],
+            "reserved",
+        ),
+        (
+            vec!["run", "--kernel", k, "--vsock", "cid=3"],
+            "both required",
+        ),
+        (
+            vec!["run", "--kernel", k, "--vsock", &not_a_socket],
+            "notes.txt exists and is not a socket",
+        ),
+        (
+            vec![
+                "restore",
+                "--from",
+                image,
+                "--net",
+                &tap,
+                "--vsock",
+                &restore_uds,
+            ],
+            "cannot set up virtio-vsock/2",
+        ),
         (
             vec!["run", "--kernel", k, "--net", "tap=vmm-none0"],
             "there is no network interface vmm-none0",
@@ -319,7 +441,12 @@ fn bad_network_options_are_refused_before_the_guest_starts() {
         let err = run(&args);
         assert!(err.contains(want), "{args:?}: {err}");
     }
-    // A refused restore wrote nothing (no disk materialized).
-    let left: Vec<_> = std::fs::read_dir(&s.0).unwrap().collect();
-    assert!(left.is_empty(), "a refused restore left {left:?}");
+    // A refused restore wrote nothing (no disk materialized), and the
+    // file in the socket's place is untouched.
+    let left: Vec<_> = std::fs::read_dir(&s.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["notes.txt"], "a refused command left files behind");
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "data");
 }
