@@ -55,6 +55,7 @@ fn run() -> u8 {
         }
     };
     setup();
+    crate::clock::set_from_rtc();
     crate::net::configure(&args.nets);
 
     let argv = match args.command {

@@ -9,6 +9,7 @@
 //! the host.
 #![deny(unsafe_code)]
 
+pub mod clock;
 pub mod cmdline;
 pub mod command;
 pub mod init;

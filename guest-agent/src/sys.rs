@@ -159,6 +159,53 @@ pub fn write_port(_port: u16, _value: u8) -> io::Result<()> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
+/// Reads CMOS registers `regs` (index port 0x70, data port 0x71).
+#[cfg(target_arch = "x86_64")]
+pub fn read_cmos(regs: &[u8]) -> io::Result<Vec<u8>> {
+    const INDEX: u16 = 0x70;
+    // SAFETY: ioperm takes no pointers; it only grants this process ports
+    // 0x70 and 0x71.
+    check(unsafe { libc::ioperm(libc::c_ulong::from(INDEX), 2, 1) })?;
+    let mut out = Vec::with_capacity(regs.len());
+    for &r in regs {
+        let v: u8;
+        // SAFETY: ioperm above granted exactly these two ports, so neither
+        // instruction can fault; they touch neither memory, the stack nor
+        // flags.
+        unsafe {
+            std::arch::asm!(
+                "out dx, al",
+                "inc dx",
+                "in al, dx",
+                inout("dx") INDEX => _,
+                inout("al") r => v,
+                options(nomem, nostack, preserves_flags)
+            );
+        }
+        out.push(v);
+    }
+    // SAFETY: as above; this only clears the bits again, so the container
+    // (which inherits the I/O bitmap) cannot reach the RTC.
+    check(unsafe { libc::ioperm(libc::c_ulong::from(INDEX), 2, 0) })?;
+    Ok(out)
+}
+
+/// I/O ports exist only on x86.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn read_cmos(_regs: &[u8]) -> io::Result<Vec<u8>> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// Sets CLOCK_REALTIME to `secs` since the epoch.
+pub fn set_realtime(secs: i64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec that lives through the call.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(|_| ())
+}
+
 /// Restarts the machine (LINUX_REBOOT_CMD_RESTART). Returns only on failure.
 pub fn reboot() -> io::Error {
     // SAFETY: reboot takes no pointers.
