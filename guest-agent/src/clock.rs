@@ -4,7 +4,7 @@
 //! the guest kernel is interpreted (hosts without hardware virtualization)
 //! it loses seconds over the boot (6-10 s over 90 s, measured). Reading the
 //! RTC again here (the VMM's RTC shows the host's time) puts the clock
-//! right within a second, for a few port reads and one system call.
+//! right within half a second, for a few port reads and one system call.
 
 use crate::init::say;
 use crate::sys;
@@ -47,8 +47,7 @@ pub fn rtc_to_unix(regs: [u8; 7], b: u8) -> Option<i64> {
         _ => 20,
     };
     let year = century * 100 + i64::from(conv(year));
-    if sec > 59 || min > 59 || hour > 23 || !(1..=31).contains(&day) || !(1..=12).contains(&month)
-    {
+    if sec > 59 || min > 59 || hour > 23 || !(1..=31).contains(&day) || !(1..=12).contains(&month) {
         return None;
     }
     let days = days_from_civil(year, i64::from(month), i64::from(day));
@@ -80,7 +79,9 @@ pub fn set_from_rtc() {
     };
     match read() {
         Ok(Some(secs)) => {
-            if let Err(e) = sys::set_realtime(secs) {
+            // The RTC shows whole seconds: the middle of the second it
+            // shows is the best guess (off by half a second at most).
+            if let Err(e) = sys::set_realtime(secs, 500_000_000) {
                 say(format!("cannot set the clock: {e}"));
             }
         }
@@ -111,7 +112,10 @@ mod tests {
 
     #[test]
     fn leap_days_count() {
-        assert_eq!(days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 28), 2);
+        assert_eq!(
+            days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 28),
+            2
+        );
         assert_eq!(days_from_civil(1970, 1, 1), 0);
     }
 }

@@ -196,11 +196,11 @@ pub fn read_cmos(_regs: &[u8]) -> io::Result<Vec<u8>> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
-/// Sets CLOCK_REALTIME to `secs` since the epoch.
-pub fn set_realtime(secs: i64) -> io::Result<()> {
+/// Sets CLOCK_REALTIME to `secs` and `nanos` since the epoch.
+pub fn set_realtime(secs: i64, nanos: u32) -> io::Result<()> {
     let ts = libc::timespec {
         tv_sec: secs as libc::time_t,
-        tv_nsec: 0,
+        tv_nsec: libc::c_long::from(nanos.min(999_999_999)),
     };
     // SAFETY: `ts` is a valid timespec that lives through the call.
     check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(|_| ())
