@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::events::{
-    ApiRequest, SnapshotBody, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
+    ApiFailure, ApiRequest, SnapshotBody, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +152,8 @@ fn ask(events: &Sender<VmEvent>, request: ApiRequest) -> Routed {
     }
     match rx.recv() {
         Ok(Ok(v)) => Routed::Json(200, v),
-        Ok(Err(e)) => error(500, e),
+        Ok(Err(ApiFailure::Conflict(e))) => error(409, e),
+        Ok(Err(ApiFailure::Failed(e))) => error(500, e),
         Err(_) => error(503, "the VM is shutting down"),
     }
 }
@@ -292,6 +293,27 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 400"), "{r}");
         assert!(r.contains("unknown compression 'bogus'"), "{r}");
         assert!(rx.try_recv().is_err(), "the request reached the VM");
+
+        // What the main thread refuses for the VM's state is a conflict,
+        // what it fails at an internal error.
+        let main = std::thread::spawn(move || {
+            for answer in [
+                ApiFailure::Conflict("cannot pause a VM that is Paused".into()),
+                ApiFailure::Failed("cannot read the VM's KVM state".into()),
+            ] {
+                match rx.recv().unwrap() {
+                    VmEvent::Request { reply, .. } => reply.send(Err(answer)).unwrap(),
+                    VmEvent::Stop(_) => panic!("unexpected stop"),
+                }
+            }
+        });
+        let put = "HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let r = request(&sock, &format!("PUT /vm/pause {put}"));
+        assert!(r.starts_with("HTTP/1.1 409"), "{r}");
+        assert!(r.contains("cannot pause a VM that is Paused"), "{r}");
+        let r = request(&sock, &format!("PUT /vm/resume {put}"));
+        assert!(r.starts_with("HTTP/1.1 500"), "{r}");
+        main.join().unwrap();
         drop(server);
         assert!(!sock.exists());
         std::fs::remove_dir_all(&dir).unwrap();

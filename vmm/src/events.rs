@@ -34,8 +34,17 @@ pub enum VmEvent {
     /// An API request; the answer goes back on `reply`.
     Request {
         request: ApiRequest,
-        reply: Sender<Result<serde_json::Value, String>>,
+        reply: Sender<Result<serde_json::Value, ApiFailure>>,
     },
+}
+
+/// Why the main thread did not do what an API request asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiFailure {
+    /// Not allowed in the VM's present state (pause a paused VM): 409.
+    Conflict(String),
+    /// Tried and failed: 500.
+    Failed(String),
 }
 
 pub enum ApiRequest {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::api::{ApiError, ApiServer, VmInfo};
 use crate::boot::VmConfig;
 use crate::device_manager::{DeviceManager, RestoreOverrides};
-use crate::events::{ApiRequest, SnapshotRequest, StopReason, VmEvent};
+use crate::events::{ApiFailure, ApiRequest, SnapshotRequest, StopReason, VmEvent};
 use crate::image::{self, ImageError};
 use crate::machine::{Lifecycle, Machine, MachineError};
 use crate::terminal::RawTerminal;
@@ -163,24 +163,37 @@ fn run_machine(
     })
 }
 
+/// A refused lifecycle transition is the caller's conflict; anything else
+/// failed.
+fn failure(e: MachineError) -> ApiFailure {
+    match e {
+        MachineError::Transition { .. } => ApiFailure::Conflict(e.to_string()),
+        e => ApiFailure::Failed(e.to_string()),
+    }
+}
+
+fn snapshot_failure(e: SnapshotError) -> ApiFailure {
+    match e {
+        SnapshotError::Machine(e) => failure(e),
+        e => ApiFailure::Failed(e.to_string()),
+    }
+}
+
 /// Serves one API request; returns the answer and whether the VM must now
 /// stop.
-fn serve(machine: &mut Machine, request: ApiRequest) -> (Result<serde_json::Value, String>, bool) {
+fn serve(
+    machine: &mut Machine,
+    request: ApiRequest,
+) -> (Result<serde_json::Value, ApiFailure>, bool) {
     let state =
         |m: &Machine| serde_json::json!({ "state": format!("{:?}", m.lifecycle()).to_lowercase() });
     match request {
         ApiRequest::Pause => (
-            machine
-                .pause()
-                .map(|()| state(machine))
-                .map_err(|e| e.to_string()),
+            machine.pause().map(|()| state(machine)).map_err(failure),
             false,
         ),
         ApiRequest::Resume => (
-            machine
-                .resume()
-                .map(|()| state(machine))
-                .map_err(|e| e.to_string()),
+            machine.resume().map(|()| state(machine)).map_err(failure),
             false,
         ),
         ApiRequest::Snapshot(req) => {
@@ -188,7 +201,7 @@ fn serve(machine: &mut Machine, request: ApiRequest) -> (Result<serde_json::Valu
             let stop = req.options.stop;
             if was_running {
                 if let Err(e) = machine.pause() {
-                    return (Err(e.to_string()), false);
+                    return (Err(failure(e)), false);
                 }
             }
             let result = snapshot(machine, req);
@@ -198,10 +211,10 @@ fn serve(machine: &mut Machine, request: ApiRequest) -> (Result<serde_json::Valu
             if !stop_now && was_running {
                 if let Err(e) = machine.resume() {
                     log::error!("cannot resume the VM after a snapshot: {e}");
-                    return (result.map_err(|e| e.to_string()), true);
+                    return (result.map_err(snapshot_failure), true);
                 }
             }
-            (result.map_err(|e| e.to_string()), stop_now)
+            (result.map_err(snapshot_failure), stop_now)
         }
     }
 }
