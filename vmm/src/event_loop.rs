@@ -1,11 +1,11 @@
 //! The device thread: one event loop (rust-vmm's `event-manager`) where
 //! device backends do their work, off the vCPU threads.
 //!
-//! Today it serves virtio queues: a guest's QueueNotify write signals an
+//! It serves virtio queues: a guest's QueueNotify write signals an
 //! ioeventfd inside KVM (no exit to the VMM), this thread wakes, and the
 //! device serves the queue and raises its irqfd. Backends that produce work
-//! on their own (a TAP, a vsock socket, the agent's channel) subscribe here
-//! the same way.
+//! on their own (a TAP, vsock's sockets) register their file descriptors
+//! through their virtio device's subscriber (`VirtioDevice::init_backend`).
 //!
 //! The machine's owner pauses the loop after the vCPUs and resumes it before
 //! them. Pausing drains the devices (every request made available is

@@ -10,9 +10,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
+use super::chain::{next_chain, Desc};
 use super::{
     read_config_bytes, ActivateError, Active, Interrupt, QueueError, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -66,14 +67,6 @@ pub enum BlockError {
     FeaturesChanged { saved: u64, now: u64 },
     #[error("the saved block device has features {acked:#x} acknowledged that it does not offer ({offered:#x})")]
     AckedNotOffered { acked: u64, offered: u64 },
-}
-
-/// One descriptor of a request chain.
-#[derive(Clone, Copy, Debug)]
-struct Desc {
-    addr: GuestAddress,
-    len: u32,
-    write: bool,
 }
 
 pub struct Block {
@@ -324,24 +317,14 @@ impl VirtioDevice for Block {
         loop {
             queue.disable_notification(&mem)?;
             let mut popped = 0usize;
-            loop {
-                let next = queue.iter(&mem)?.next();
-                let Some(chain) = next else { break };
-                let head = chain.head_index();
-                let descs: Vec<Desc> = chain
-                    .take(usize::from(QUEUE_SIZE))
-                    .map(|d| Desc {
-                        addr: d.addr(),
-                        len: d.len(),
-                        write: d.is_write_only(),
-                    })
-                    .collect();
-                let len = self.handle(&mem, &descs);
+            while let Some(chain) = next_chain(queue, &mem)? {
+                let len = self.handle(&mem, &chain.descs);
                 log::trace!(
-                    "virtio-blk: head {head}: {} descriptors, used {len}",
-                    descs.len()
+                    "virtio-blk: head {}: {} descriptors, used {len}",
+                    chain.head,
+                    chain.descs.len()
                 );
-                queue.add_used(&mem, head, len)?;
+                queue.add_used(&mem, chain.head, len)?;
                 used_any = true;
                 popped += 1;
             }
@@ -380,6 +363,7 @@ mod tests {
     use crate::virtio::test_utils::*;
     use crate::virtio::INT_USED_RING;
     use std::io::Write;
+    use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use vmm_sys_util::tempfile::TempFile;
 

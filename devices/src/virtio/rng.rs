@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 
+use super::chain::{next_chain, write_to_chain};
 use super::{
     read_config_bytes, ActivateError, Active, Interrupt, QueueError, VirtioDevice,
     VIRTIO_F_VERSION_1,
@@ -80,34 +81,21 @@ impl VirtioDevice for Rng {
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue]) -> Result<(), QueueError> {
         let Active { mem, interrupt } = Active::get(&self.active)?;
-        let mem = &mem;
         let Some(queue) = queues.get_mut(index).filter(|_| index == 0) else {
             return Err(QueueError::NoSuchQueue(index));
         };
         let mut buf = Vec::new();
         let mut used_any = false;
-        while let Some(chain) = queue.iter(mem)?.next() {
-            let head = chain.head_index();
-            let mut written = 0usize;
-            for d in chain
-                .take(usize::from(QUEUE_SIZE))
-                .filter(|d| d.is_write_only())
-            {
-                let n = (d.len() as usize).min(MAX_PER_REQUEST - written);
-                if n == 0 {
-                    break;
-                }
-                buf.resize(n, 0);
-                if let Err(e) = getrandom::fill(&mut buf) {
+        while let Some(chain) = next_chain(queue, &mem)? {
+            buf.resize(chain.writable_len().min(MAX_PER_REQUEST), 0);
+            let written = match getrandom::fill(&mut buf) {
+                Ok(()) => write_to_chain(&mem, &chain.descs, &buf),
+                Err(e) => {
                     log::warn!("virtio-rng: the host's getrandom failed: {e}");
-                    break;
+                    0
                 }
-                if mem.write_slice(&buf, d.addr()).is_err() {
-                    break;
-                }
-                written += n;
-            }
-            queue.add_used(mem, head, written as u32)?;
+            };
+            queue.add_used(&mem, chain.head, written as u32)?;
             used_any = true;
         }
         if used_any {
