@@ -27,7 +27,7 @@ pub fn configure(specs: &[NetSpec]) {
     }
     let interfaces = interfaces();
     for spec in specs {
-        let mac = mac_string(&spec.mac);
+        let mac = guest_abi::net::format_mac(&spec.mac);
         let Some((name, _)) = interfaces.iter().find(|(_, a)| *a == mac) else {
             say(format!("no network interface has MAC {mac}"));
             continue;
@@ -53,13 +53,6 @@ fn apply(
     Ok(())
 }
 
-pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// (name, MAC as sysfs prints it) of every interface.
 fn interfaces() -> Vec<(String, String)> {
     let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
@@ -72,15 +65,4 @@ fn interfaces() -> Vec<(String, String)> {
             Some((name, addr.trim().to_ascii_lowercase()))
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn macs_print_as_sysfs_does() {
-        assert_eq!(
-            super::mac_string(&[2, 0xab, 0, 1, 0x10, 0xff]),
-            "02:ab:00:01:10:ff"
-        );
-    }
 }

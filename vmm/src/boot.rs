@@ -57,7 +57,11 @@ impl FromStr for NetConfig {
                     net::tap::check_name(v).map_err(|e| NetConfigError::TapName(e.to_string()))?;
                     cfg.tap = v.to_string();
                 }
-                "mac" => cfg.mac = Some(net::parse_mac(v).ok_or(NetConfigError::Mac(v.into()))?),
+                // A multicast address cannot be a card's.
+                "mac" => {
+                    let mac = guest_abi::net::parse_mac(v).filter(|m| m[0] & 1 == 0);
+                    cfg.mac = Some(mac.ok_or(NetConfigError::Mac(v.into()))?);
+                }
                 "ip" => {
                     let ip = v
                         .split_once('/')

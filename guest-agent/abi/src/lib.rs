@@ -124,13 +124,33 @@ pub mod net {
     #[error("bad vmm.net= on the kernel command line: {0:?} (expected MAC,ADDR/PREFIX[,GW])")]
     pub struct NetSpecError(pub String);
 
+    /// A MAC as Linux prints it (`02:ab:00:01:10:ff`).
+    pub fn format_mac(mac: &[u8; 6]) -> String {
+        mac.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// Parses `aa:bb:cc:dd:ee:ff` (either case).
+    pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+        let mut mac = [0u8; 6];
+        let mut octets = s.split(':');
+        for b in &mut mac {
+            let o = octets.next().filter(|o| o.len() == 2)?;
+            *b = u8::from_str_radix(o, 16).ok()?;
+        }
+        octets.next().is_none().then_some(mac)
+    }
+
     impl NetSpec {
         /// The command-line word: `vmm.net=02:00:00:00:00:01,10.0.0.2/24,10.0.0.1`.
         pub fn encode(&self) -> String {
-            let m = self.mac;
             let mut s = format!(
-                "{NET_PREFIX}{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x},{}/{}",
-                m[0], m[1], m[2], m[3], m[4], m[5], self.addr, self.prefix
+                "{NET_PREFIX}{},{}/{}",
+                format_mac(&self.mac),
+                self.addr,
+                self.prefix
             );
             if let Some(gw) = self.gateway {
                 s.push_str(&format!(",{gw}"));
@@ -142,16 +162,7 @@ pub mod net {
         pub fn decode(value: &str) -> Result<NetSpec, NetSpecError> {
             let bad = || NetSpecError(value.to_string());
             let mut parts = value.split(',');
-            let mac_s = parts.next().ok_or_else(bad)?;
-            let mut mac = [0u8; 6];
-            let mut octets = mac_s.split(':');
-            for b in &mut mac {
-                let o = octets.next().filter(|o| o.len() == 2).ok_or_else(bad)?;
-                *b = u8::from_str_radix(o, 16).map_err(|_| bad())?;
-            }
-            if octets.next().is_some() {
-                return Err(bad());
-            }
+            let mac = parts.next().and_then(parse_mac).ok_or_else(bad)?;
             let (addr, prefix) = parts
                 .next()
                 .and_then(|a| a.split_once('/'))
@@ -199,6 +210,22 @@ pub mod net {
             };
             let w = no_gw.encode();
             assert_eq!(NetSpec::decode(&w[NET_PREFIX.len()..]).unwrap(), no_gw);
+        }
+
+        #[test]
+        fn macs_parse_and_print() {
+            let m = parse_mac("02:ab:CD:00:01:ff").unwrap();
+            assert_eq!(m, [0x02, 0xab, 0xcd, 0, 1, 0xff]);
+            assert_eq!(format_mac(&m), "02:ab:cd:00:01:ff");
+            for bad in [
+                "",
+                "02:ab:cd:00:01",
+                "02:ab:cd:00:01:ff:00",
+                "02:ab:cd:00:01:fg",
+                "2:ab:cd:00:01:ff0",
+            ] {
+                assert_eq!(parse_mac(bad), None, "{bad:?}");
+            }
         }
 
         #[test]
