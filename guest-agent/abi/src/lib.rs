@@ -1,7 +1,9 @@
 //! What the VMM and the guest agent both need to agree on, in one place:
-//! the I/O ports the agent reports on, and how the container command
-//! travels on the kernel command line. Both sides use this crate, so the
+//! the I/O ports the agent reports on, how the container command travels on
+//! the kernel command line, and the control channel's messages ([`agent`]). Both sides use this crate, so the
 //! two ends cannot drift apart.
+
+pub mod agent;
 
 /// I/O ports the agent writes to; each write exits straight to the VMM.
 pub mod ports {
