@@ -23,6 +23,8 @@ pub struct Report {
     pub created_unix: u64,
     pub flags: u32,
     pub incremental: bool,
+    /// The guest's filesystems were frozen by its agent when it was taken.
+    pub quiesced: bool,
     /// Every section in order; memory and each disk count as one, with
     /// their chunks.
     pub sections: Vec<SectionReport>,
@@ -96,6 +98,7 @@ pub fn inspect<R: Read>(r: R, verify: bool) -> Result<Report, SnapshotError> {
         created_unix: h.created_unix,
         flags: h.flags,
         incremental: h.is_incremental(),
+        quiesced: h.flags & crate::state::flags::QUIESCED != 0,
         sections: Vec::new(),
         memory: None,
         disks: Vec::new(),
@@ -214,6 +217,15 @@ impl std::fmt::Display for Report {
             Some(p) => writeln!(f, "kind         incremental, parent {p}")?,
             None => writeln!(f, "kind         full")?,
         }
+        writeln!(
+            f,
+            "disks        {}",
+            if self.quiesced {
+                "quiesced (the guest agent froze its filesystems)"
+            } else {
+                "not quiesced"
+            }
+        )?;
         writeln!(
             f,
             "size         {:.1} MiB{}",

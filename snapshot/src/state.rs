@@ -117,6 +117,9 @@ pub mod flags {
     pub const INCREMENTAL: u32 = 1;
     /// The image carries disk contents.
     pub const HAS_DISK: u32 = 2;
+    /// The guest agent synced and froze the guest's writable filesystems
+    /// before the state was captured: the disks are consistent on their own.
+    pub const QUIESCED: u32 = 4;
 }
 
 /// The image header (after magic and version).

@@ -10,14 +10,32 @@
 //!   `"stream": true` instead of a path, the response body *is* the image
 //!   (chunked), so it can go through a pipe: this is how `vmm snapshot
 //!   --out -` works.
+//! - `PUT /vm/checkpoint` with `{"name": "t1"}` (optional): checkpoint into
+//!   `--snapshot-dir`, as the guest's `vmm-ckpt` does.
 //! - `PUT /vm/shutdown`: stop the VM now; `vmm` exits.
+//! - The guest agent ([`crate::agent`]): `GET /agent/ping`,
+//!   `PUT /agent/freeze`, `PUT /agent/thaw`, and `PUT /agent/exec` with
+//!   `{"argv": [...], "env": [...], "tty": false}`: runs a command in the
+//!   guest and answers `{"status", "stdout", "stderr"}` once it ends. With
+//!   `"stream": true` the response body streams the command's output as
+//!   the agent's frames (`Output`, then a final `Response`), its id in the
+//!   `X-Exec-Id` header; `PUT /agent/exec/ID/input` (raw bytes, empty for
+//!   end of input), `.../resize` (`{"rows", "cols"}`) and `.../signal`
+//!   (`{"signal": N}`) reach it meanwhile. This is how `vmm agent exec`
+//!   works.
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use guest_abi::agent::{write_frame, ExecRequest, Failure, Frame, Reply, Request};
+use serde::Deserialize;
+
+use crate::agent::{AgentChannel, AgentError, ExecHandle, Incoming};
 use crate::events::{
     ApiFailure, ApiRequest, SnapshotBody, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
 };
@@ -52,7 +70,12 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    pub fn start(path: &Path, info: VmInfo, events: Sender<VmEvent>) -> Result<Self, ApiError> {
+    pub fn start(
+        path: &Path,
+        info: VmInfo,
+        events: Sender<VmEvent>,
+        agent: AgentChannel,
+    ) -> Result<Self, ApiError> {
         let name = path.display().to_string();
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
@@ -71,29 +94,53 @@ impl ApiServer {
                 })?,
             );
         let s = server.clone();
+        let ctx = Context {
+            info,
+            events,
+            agent,
+            execs: Arc::new(Mutex::new(HashMap::new())),
+        };
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 for mut request in s.incoming_requests() {
-                    let mut body = String::new();
-                    if let Err(e) = request.as_reader().read_to_string(&mut body) {
+                    let mut body = Vec::new();
+                    if let Err(e) = request.as_reader().read_to_end(&mut body) {
                         log::warn!("API: cannot read a request body: {e}");
                         continue;
                     }
                     let method = request.method().clone();
                     let url = request.url().to_string();
-                    let result = match route(&method, &url, &body, &info, &events) {
-                        Routed::Json(code, body) => request.respond(json_response(code, &body)),
-                        Routed::Stream(reader) => request.respond(tiny_http::Response::new(
-                            tiny_http::StatusCode(200),
-                            vec![header("Content-Type: application/octet-stream")],
-                            reader,
-                            None,
-                            None,
-                        )),
-                    };
-                    if let Err(e) = result {
-                        log::warn!("API: cannot send a response: {e}");
+                    match route(&method, &url, &body, &ctx) {
+                        Routed::Json(code, body) => {
+                            if let Err(e) = request.respond(json_response(code, &body)) {
+                                log::warn!("API: cannot send a response: {e}");
+                            }
+                        }
+                        // A stream lasts as long as its producer: sent from
+                        // a thread of its own, so the API goes on serving.
+                        Routed::Stream(reader, headers) => {
+                            let respond = move || {
+                                let mut hs = vec![header("Content-Type: application/octet-stream")];
+                                hs.extend(headers.iter().map(|h| header(h)));
+                                let response = tiny_http::Response::new(
+                                    tiny_http::StatusCode(200),
+                                    hs,
+                                    reader,
+                                    None,
+                                    None,
+                                );
+                                if let Err(e) = request.respond(response) {
+                                    log::warn!("API: cannot send a response: {e}");
+                                }
+                            };
+                            if let Err(e) = std::thread::Builder::new()
+                                .name("api-stream".into())
+                                .spawn(respond)
+                            {
+                                log::error!("API: cannot start a thread for a stream: {e}");
+                            }
+                        }
                     }
                 }
             })
@@ -133,8 +180,243 @@ fn json_response(
 /// How a request is answered.
 enum Routed {
     Json(u16, serde_json::Value),
-    /// The body streams from this pipe until its writer closes it.
-    Stream(std::io::PipeReader),
+    /// The body streams from this pipe until its writer closes it; extra
+    /// headers.
+    Stream(std::io::PipeReader, Vec<String>),
+}
+
+/// What the API thread serves with.
+struct Context {
+    info: VmInfo,
+    events: Sender<VmEvent>,
+    agent: AgentChannel,
+    /// Streamed execs still running, by id, for their input.
+    execs: Arc<Mutex<HashMap<u64, ExecHandle>>>,
+}
+
+/// How long the agent may take to answer a ping, freeze or thaw.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an exec waits for the agent to connect (it reconnects after a
+/// restore).
+const EXEC_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The body of `PUT /agent/exec`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    argv: Vec<String>,
+    #[serde(default)]
+    env: Vec<String>,
+    #[serde(default)]
+    tty: bool,
+    /// Take input through `PUT /agent/exec/ID/input` (streamed execs only).
+    #[serde(default)]
+    stdin: bool,
+    #[serde(default)]
+    rows: u16,
+    #[serde(default)]
+    cols: u16,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeBody {
+    rows: u16,
+    cols: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    signal: i32,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CheckpointBody {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn parse_json<'a, T: Deserialize<'a> + Default>(body: &'a [u8]) -> Result<T, Routed> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| error(400, format!("bad request body: {e}")))
+}
+
+fn agent_error(e: AgentError) -> Routed {
+    match e {
+        AgentError::NotConnected(_) | AgentError::Timeout(_) | AgentError::Reset => error(503, e),
+        AgentError::Refused(f) => error(500, f),
+        e => error(500, e),
+    }
+}
+
+/// A call to the agent, answered with its reply as JSON.
+fn agent_call(agent: &AgentChannel, request: Request) -> Routed {
+    let t0 = Instant::now();
+    match agent.call(request, AGENT_TIMEOUT) {
+        Ok(Reply::Pong { generation }) => Routed::Json(
+            200,
+            serde_json::json!({
+                "generation": generation,
+                "rtt_ms": t0.elapsed().as_secs_f64() * 1000.0,
+            }),
+        ),
+        Ok(Reply::Frozen { filesystems }) => {
+            Routed::Json(200, serde_json::json!({ "frozen": filesystems }))
+        }
+        Ok(Reply::Thawed { filesystems }) => {
+            Routed::Json(200, serde_json::json!({ "thawed": filesystems }))
+        }
+        Ok(other) => error(500, format!("the agent answered {other:?}")),
+        Err(e) => agent_error(e),
+    }
+}
+
+/// The exit status a failed start maps to, as a shell reports it.
+fn failed_start_status(f: &Failure) -> i32 {
+    if f.errno == libc::ENOENT {
+        127
+    } else {
+        126
+    }
+}
+
+/// `PUT /agent/exec`: runs a command, answering once it ends or streaming.
+fn exec(ctx: &Context, body: &[u8]) -> Routed {
+    let b: ExecBody = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return error(400, format!("bad exec request: {e}")),
+    };
+    if b.argv.is_empty() {
+        return error(400, "bad exec request: argv is empty");
+    }
+    let request = ExecRequest {
+        argv: b.argv,
+        env: b.env,
+        tty: b.tty,
+        stdin: b.stdin && b.stream,
+        rows: b.rows,
+        cols: b.cols,
+    };
+    let (handle, incoming) = match ctx.agent.exec(request, EXEC_CONNECT_TIMEOUT) {
+        Ok(x) => x,
+        Err(e) => return agent_error(e),
+    };
+    if !b.stream {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let status = loop {
+            match incoming.recv() {
+                Ok(Incoming::Output { fd: 2, data }) => stderr.extend(data),
+                Ok(Incoming::Output { data, .. }) => stdout.extend(data),
+                Ok(Incoming::Done(Ok(Reply::Exited { status }))) => break status,
+                Ok(Incoming::Done(Ok(other))) => {
+                    return error(500, format!("the agent answered {other:?}"))
+                }
+                Ok(Incoming::Done(Err(f))) => {
+                    stderr.extend(format!("{f}\n").into_bytes());
+                    break failed_start_status(&f);
+                }
+                Ok(Incoming::Reset) | Err(_) => {
+                    return agent_error(AgentError::Reset);
+                }
+            }
+        };
+        return Routed::Json(
+            200,
+            serde_json::json!({
+                "status": status,
+                "stdout": String::from_utf8_lossy(&stdout),
+                "stderr": String::from_utf8_lossy(&stderr),
+            }),
+        );
+    }
+    let (reader, mut writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => return error(500, format!("cannot create a pipe: {e}")),
+    };
+    let id = handle.id();
+    ctx.execs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(id, handle.clone());
+    let execs = ctx.execs.clone();
+    let pump = move || {
+        for item in incoming {
+            let (frame, last) = match item {
+                Incoming::Output { fd, data } => (Frame::Output { id, fd, data }, false),
+                Incoming::Done(body) => (Frame::Response { id, body }, true),
+                Incoming::Reset => (
+                    Frame::Response {
+                        id,
+                        body: Err(Failure {
+                            errno: libc::ECONNRESET,
+                            message: "the guest agent's connection closed".into(),
+                        }),
+                    },
+                    true,
+                ),
+            };
+            let sent = write_frame(&mut writer, &frame).and_then(|()| Ok(writer.flush()?));
+            if sent.is_err() {
+                // The client went away: hang the command up, as a
+                // terminal closing would.
+                let _ = handle.signal(libc::SIGHUP);
+                break;
+            }
+            if last {
+                break;
+            }
+        }
+        execs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("exec-pump".into())
+        .spawn(pump)
+    {
+        return error(500, format!("cannot start a thread: {e}"));
+    }
+    Routed::Stream(reader, vec![format!("X-Exec-Id: {id}")])
+}
+
+/// `PUT /agent/exec/ID/{input,resize,signal}`.
+fn exec_control(ctx: &Context, rest: &str, body: &[u8]) -> Routed {
+    let Some((id, what)) = rest.split_once('/') else {
+        return error(404, format!("no endpoint /agent/exec/{rest}"));
+    };
+    let handle = id.parse::<u64>().ok().and_then(|id| {
+        ctx.execs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    });
+    let Some(handle) = handle else {
+        return error(404, format!("no running exec {id}"));
+    };
+    let sent = match what {
+        "input" => handle.input(body.to_vec()),
+        "resize" => match serde_json::from_slice::<ResizeBody>(body) {
+            Ok(r) => handle.resize(r.rows, r.cols),
+            Err(e) => return error(400, format!("bad resize request: {e}")),
+        },
+        "signal" => match serde_json::from_slice::<SignalBody>(body) {
+            Ok(r) => handle.signal(r.signal),
+            Err(e) => return error(400, format!("bad signal request: {e}")),
+        },
+        _ => return error(404, format!("no endpoint /agent/exec/{rest}")),
+    };
+    match sent {
+        Ok(()) => Routed::Json(200, serde_json::json!({})),
+        Err(e) => agent_error(e),
+    }
 }
 
 fn error(code: u16, msg: impl std::fmt::Display) -> Routed {
@@ -152,6 +434,7 @@ fn ask(events: &Sender<VmEvent>, request: ApiRequest) -> Routed {
     }
     match rx.recv() {
         Ok(Ok(v)) => Routed::Json(200, v),
+        Ok(Err(ApiFailure::BadRequest(e))) => error(400, e),
         Ok(Err(ApiFailure::Conflict(e))) => error(409, e),
         Ok(Err(ApiFailure::Failed(e))) => error(500, e),
         Err(_) => error(503, "the VM is shutting down"),
@@ -159,14 +442,12 @@ fn ask(events: &Sender<VmEvent>, request: ApiRequest) -> Routed {
 }
 
 /// Maps a request to its answer.
-fn route(
-    method: &tiny_http::Method,
-    url: &str,
-    body: &str,
-    info: &VmInfo,
-    events: &Sender<VmEvent>,
-) -> Routed {
+fn route(method: &tiny_http::Method, url: &str, body: &[u8], ctx: &Context) -> Routed {
     use tiny_http::Method::{Get, Put};
+    let (info, events) = (&ctx.info, &ctx.events);
+    if let (Put, Some(rest)) = (method, url.strip_prefix("/agent/exec/")) {
+        return exec_control(ctx, rest, body);
+    }
     match (method, url) {
         (Get, "/") | (Get, "/vm") => Routed::Json(
             200,
@@ -183,14 +464,26 @@ fn route(
             let _ = events.send(VmEvent::Stop(StopReason::Requested));
             Routed::Json(200, serde_json::json!({ "state": "stopping" }))
         }
+        (Get | Put, "/agent/ping") => agent_call(&ctx.agent, Request::Ping),
+        (Put, "/agent/freeze") => agent_call(&ctx.agent, Request::Freeze),
+        (Put, "/agent/thaw") => agent_call(&ctx.agent, Request::Thaw),
+        (Put, "/agent/exec") => exec(ctx, body),
+        (Put, "/vm/checkpoint") => match parse_json::<CheckpointBody>(body) {
+            Ok(b) => ask(events, ApiRequest::Checkpoint { name: b.name }),
+            Err(r) => r,
+        },
         (Put, "/vm/pause") => ask(events, ApiRequest::Pause),
         (Put, "/vm/resume") => ask(events, ApiRequest::Resume),
         (Put, "/vm/snapshot") => {
-            let b: SnapshotBody =
-                match serde_json::from_str(if body.trim().is_empty() { "{}" } else { body }) {
-                    Ok(b) => b,
-                    Err(e) => return error(400, format!("bad snapshot request: {e}")),
-                };
+            let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+                b"{}"
+            } else {
+                body
+            };
+            let b: SnapshotBody = match serde_json::from_slice(body) {
+                Ok(b) => b,
+                Err(e) => return error(400, format!("bad snapshot request: {e}")),
+            };
             let options = b.options();
             let target = match (b.path, b.stream) {
                 (Some(p), false) => SnapshotTarget::Path(p),
@@ -213,7 +506,7 @@ fn route(
                     // The main thread writes the image into the pipe while
                     // this thread sends it on; a failed snapshot closes the
                     // pipe early, which the image's missing end shows.
-                    return Routed::Stream(reader);
+                    return Routed::Stream(reader, Vec::new());
                 }
                 _ => return error(400, "give either \"path\" or \"stream\": true"),
             };
@@ -222,9 +515,11 @@ fn route(
                 ApiRequest::Snapshot(SnapshotRequest { target, options }),
             )
         }
-        (_, "/" | "/vm" | "/vm/shutdown" | "/vm/pause" | "/vm/resume" | "/vm/snapshot") => {
-            error(405, format!("method {method} not allowed on {url}"))
-        }
+        (
+            _,
+            "/" | "/vm" | "/vm/shutdown" | "/vm/pause" | "/vm/resume" | "/vm/snapshot"
+            | "/vm/checkpoint" | "/agent/ping" | "/agent/freeze" | "/agent/thaw" | "/agent/exec",
+        ) => error(405, format!("method {method} not allowed on {url}")),
         _ => error(404, format!("no endpoint {url}")),
     }
 }
@@ -258,9 +553,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("api.sock");
         let (tx, rx) = std::sync::mpsc::channel();
-        let server = ApiServer::start(&sock, info(), tx.clone()).unwrap();
+        let (_agent_tx, agent_rx) = std::sync::mpsc::channel();
+        let agent = AgentChannel::start(agent_rx, tx.clone(), None).unwrap();
+        let server = ApiServer::start(&sock, info(), tx.clone(), agent.clone()).unwrap();
         assert!(matches!(
-            ApiServer::start(&sock, info(), tx),
+            ApiServer::start(&sock, info(), tx, agent),
             Err(ApiError::InUse(_))
         ));
         let r = request(

@@ -166,7 +166,6 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Replaces the default kernel command line when set.
     pub cmdline: Option<String>,
-    pub api_sock: Option<PathBuf>,
     /// The container command; empty for an interactive shell.
     pub command: Vec<String>,
     /// Network devices, in the order the guest sees them (eth0 first).
@@ -283,7 +282,6 @@ mod tests {
             mem_mib: 256,
             vcpus: 1,
             cmdline: None,
-            api_sock: None,
             command: vec![],
             nets: vec![],
             vsock: None,

@@ -41,6 +41,8 @@ pub enum VmEvent {
 /// Why the main thread did not do what an API request asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiFailure {
+    /// The request itself is wrong (a bad checkpoint name): 400.
+    BadRequest(String),
     /// Not allowed in the VM's present state (pause a paused VM): 409.
     Conflict(String),
     /// Tried and failed: 500.
@@ -51,6 +53,12 @@ pub enum ApiRequest {
     Pause,
     Resume,
     Snapshot(SnapshotRequest),
+    /// A checkpoint into the snapshot directory (`--snapshot-dir`), asked
+    /// for from inside the guest, by `--checkpoint-on`'s signal or through
+    /// the API; `name` is only a file name, checked by the main thread.
+    Checkpoint {
+        name: Option<String>,
+    },
 }
 
 /// Where a snapshot image goes.
@@ -83,10 +91,34 @@ pub struct SnapshotOptions {
     #[arg(long)]
     #[serde(default)]
     pub no_disk: bool,
+    /// How long the guest agent may take, in ms, to get the guest's
+    /// programs ready and freeze its filesystems; past it the snapshot goes
+    /// on, recorded as not quiesced. 0: do not ask the agent.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_QUIESCE_TIMEOUT_MS)]
+    #[serde(default = "default_quiesce_timeout")]
+    pub quiesce_timeout_ms: u64,
 }
+
+/// The default bound on the agent's quiescing.
+pub const DEFAULT_QUIESCE_TIMEOUT_MS: u64 = 2000;
 
 fn default_compression() -> Compression {
     Compression::Zstd(1)
+}
+
+fn default_quiesce_timeout() -> u64 {
+    DEFAULT_QUIESCE_TIMEOUT_MS
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        SnapshotOptions {
+            stop: false,
+            compress: default_compression(),
+            no_disk: false,
+            quiesce_timeout_ms: DEFAULT_QUIESCE_TIMEOUT_MS,
+        }
+    }
 }
 
 /// The body of `PUT /vm/snapshot`: a destination and the options. The
@@ -108,6 +140,8 @@ pub struct SnapshotBody {
     pub compress: Compression,
     #[serde(default)]
     pub no_disk: bool,
+    #[serde(default = "default_quiesce_timeout")]
+    pub quiesce_timeout_ms: u64,
 }
 
 impl SnapshotBody {
@@ -118,6 +152,7 @@ impl SnapshotBody {
             stop: options.stop,
             compress: options.compress,
             no_disk: options.no_disk,
+            quiesce_timeout_ms: options.quiesce_timeout_ms,
         }
     }
 
@@ -126,6 +161,7 @@ impl SnapshotBody {
             stop: self.stop,
             compress: self.compress,
             no_disk: self.no_disk,
+            quiesce_timeout_ms: self.quiesce_timeout_ms,
         }
     }
 }
@@ -140,6 +176,7 @@ mod tests {
             stop: true,
             compress: Compression::Zstd(3),
             no_disk: false,
+            quiesce_timeout_ms: 500,
         };
         let body = SnapshotBody::new(Some("/x/img".into()), opts.clone());
         let text = serde_json::to_string(&body).unwrap();

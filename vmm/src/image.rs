@@ -127,19 +127,24 @@ fn disk_crc(file: &File, path: &Path) -> Result<(u64, u32), ImageError> {
 
 /// Writes a paused machine's `state`, its memory and its `disks` (device
 /// id, file) to `target`. A file target appears whole or not at all.
+/// `quiesced`: the guest agent froze the guest's filesystems first.
 pub fn write(
     state: &MachineState,
     ram: &GuestRam,
     disks: &[(String, PathBuf)],
     options: &SnapshotOptions,
+    quiesced: bool,
     target: SnapshotTarget,
 ) -> Result<Written, ImageError> {
     let (vendor, signature) = host_cpu();
-    let flags = if options.no_disk || disks.is_empty() {
+    let mut flags = if options.no_disk || disks.is_empty() {
         0
     } else {
         flags::HAS_DISK
     };
+    if quiesced {
+        flags |= flags::QUIESCED;
+    }
     let header = Header::new("x86_64", &vendor, signature, flags);
     let opts = EncodeOptions {
         compression: options.compress,

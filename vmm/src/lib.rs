@@ -14,12 +14,18 @@
 //!   `host`: whether this host can run an image.
 //! - `boot`: what `vmm run` boots; `runner`: runs a machine and serves `api`.
 //! - `events`: what reaches the main thread, and the typed requests.
+//! - `client`: requests to a running VMM's API socket.
+//! - `agent`: the guest agent's control channel; `checkpoint`: checkpoints
+//!   into `--snapshot-dir` (from the guest, a signal, the API).
 
+pub mod agent;
 pub mod api;
 pub mod arch;
 pub mod atomic_file;
 pub mod boot;
 pub mod bus;
+pub mod checkpoint;
+pub mod client;
 pub mod device_manager;
 pub mod event_loop;
 pub mod events;

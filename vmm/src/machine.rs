@@ -14,9 +14,10 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 
+use crate::agent::AgentChannel;
 use crate::arch::cpuid::CpuTemplate;
 use crate::arch::{loader, regs};
 use crate::boot::{build_cmdline, ConfigError, VmConfig};
@@ -32,6 +33,9 @@ use crate::memory::GuestRam;
 use crate::state::{MachineConfig, MachineState};
 use crate::timeline::Timeline;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuThreadError};
+
+/// The guest's vsock context id when `--vsock` does not give one.
+pub const DEFAULT_GUEST_CID: u64 = 3;
 
 /// Where a machine is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +69,8 @@ pub enum MachineError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Loader(#[from] loader::LoaderError),
+    #[error("cannot start the guest agent's thread")]
+    AgentThread(#[source] std::io::Error),
     #[error("cannot write boot tables into guest memory")]
     BootTables(#[source] vm_memory::GuestMemoryError),
     #[error("cannot read the VM's KVM state")]
@@ -92,6 +98,7 @@ pub struct Machine {
     lifecycle: Lifecycle,
     /// Restored and not yet resumed: the devices have news for the guest.
     fresh_restore: bool,
+    agent: AgentChannel,
 }
 
 impl Machine {
@@ -122,9 +129,13 @@ impl Machine {
             device_args.push(devices.add_net(&vm, &net.tap, mac)?);
             net_specs.extend(net.spec(mac));
         }
-        if let Some(v) = &cfg.vsock {
-            device_args.push(devices.add_vsock(&vm, v.cid, &v.uds)?);
-        }
+        // Every VM has a vsock device: the guest agent's channel needs it.
+        let (agent_tx, agent_rx) = mpsc::channel();
+        let (cid, uds) = match &cfg.vsock {
+            Some(v) => (v.cid, Some(v.uds.as_path())),
+            None => (DEFAULT_GUEST_CID, None),
+        };
+        device_args.push(devices.add_vsock(&vm, cid, uds, agent_tx)?);
         device_args.push(devices.add_rng(&vm)?);
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
@@ -147,6 +158,8 @@ impl Machine {
             kernel: cfg.kernel.display().to_string(),
             expects_status: !cfg.command.is_empty(),
         };
+        let agent = AgentChannel::start(agent_rx, events.clone(), None)
+            .map_err(MachineError::AgentThread)?;
         Self::assemble(
             vm,
             devices,
@@ -154,6 +167,7 @@ impl Machine {
             config,
             events,
             timeline,
+            agent,
             Lifecycle::Created,
         )
     }
@@ -163,6 +177,7 @@ impl Machine {
     /// vsock socket) are the saved ones unless `overrides` says otherwise.
     pub fn restore(
         from: Box<dyn Read>,
+        source: &str,
         disk_dir: &Path,
         overrides: &RestoreOverrides,
         console: Box<dyn std::io::Write + Send>,
@@ -177,9 +192,13 @@ impl Machine {
             .map_err(MachineError::SupportedCpuid)?;
         host::check(image.header(), image.state(), supported.as_slice())?;
         let mut backends = device_manager::open_backends(&image.state().devices, overrides)?;
+        let (agent_tx, agent_rx) = mpsc::channel();
+        backends.agent = Some(agent_tx);
+        let agent = AgentChannel::start(agent_rx, events.clone(), Some(source.to_string()))
+            .map_err(MachineError::AgentThread)?;
         let (state, disks) = image.read_contents(vm.ram(), disk_dir)?;
         backends.disks = disks;
-        Self::from_state(vm, &state, backends, console, events, timeline)
+        Self::from_state(vm, &state, backends, console, events, timeline, agent)
     }
 
     /// Builds a paused machine from `state` in `vm`, whose memory already
@@ -197,6 +216,7 @@ impl Machine {
         console: Box<dyn std::io::Write + Send>,
         events: Sender<VmEvent>,
         timeline: Arc<Timeline>,
+        agent: AgentChannel,
     ) -> Result<Self, MachineError> {
         persist::restore_vm(vm.fd(), &state.vm).map_err(MachineError::Restore)?;
         let devices =
@@ -213,11 +233,13 @@ impl Machine {
             state.config.clone(),
             events,
             timeline,
+            agent,
             Lifecycle::Paused,
         )
     }
 
     /// Starts a (paused) thread for each vCPU.
+    #[allow(clippy::too_many_arguments)] // private: the parts of a machine, each once
     fn assemble(
         vm: Vm,
         devices: DeviceManager,
@@ -225,6 +247,7 @@ impl Machine {
         config: MachineConfig,
         events: Sender<VmEvent>,
         timeline: Arc<Timeline>,
+        agent: AgentChannel,
         lifecycle: Lifecycle,
     ) -> Result<Self, MachineError> {
         let devices = Arc::new(devices);
@@ -252,7 +275,13 @@ impl Machine {
             timeline,
             fresh_restore: lifecycle == Lifecycle::Paused,
             lifecycle,
+            agent,
         })
+    }
+
+    /// The guest agent's control channel.
+    pub fn agent(&self) -> &AgentChannel {
+        &self.agent
     }
 
     pub fn lifecycle(&self) -> Lifecycle {
@@ -403,11 +432,18 @@ mod tests {
             devices,
             vec![vcpu],
             config(),
-            events,
+            events.clone(),
             timeline,
+            test_agent(events),
             Lifecycle::Created,
         )
         .unwrap()
+    }
+
+    /// A channel no agent ever connects to.
+    fn test_agent(events: Sender<VmEvent>) -> AgentChannel {
+        let (_tx, rx) = mpsc::channel();
+        AgentChannel::start(rx, events, None).unwrap()
     }
 
     fn refused(r: Result<impl Sized, MachineError>, what: &str, in_state: Lifecycle) {
@@ -465,8 +501,9 @@ mod tests {
             &state,
             RestoreBackends::default(),
             Box::new(std::io::sink()),
-            events,
+            events.clone(),
             test_vm::timeline(),
+            test_agent(events),
         )
         .unwrap();
         assert_eq!(r.lifecycle(), Lifecycle::Paused);

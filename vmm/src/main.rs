@@ -32,6 +32,85 @@ enum Command {
     Restore(RestoreArgs),
     /// Show what an image holds; --verify checks all of it.
     Inspect(InspectArgs),
+    /// Talk to the guest agent of a running VM.
+    Agent(AgentArgs),
+}
+
+/// How a running VMM is controlled (run and restore alike).
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Where checkpoints go that the guest asks for (vmm-ckpt,
+    /// vmm_checkpoint()), that --checkpoint-on's signal or
+    /// PUT /vm/checkpoint asks for: DIR/NAME.vmm. Without it they are refused.
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
+    /// Checkpoint the VM into --snapshot-dir each time this signal reaches
+    /// the vmm process (USR1, USR2, HUP, ...).
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+    checkpoint_on: Option<i32>,
+}
+
+fn parse_signal(s: &str) -> Result<i32, String> {
+    vmm::checkpoint::parse_signal(s).map_err(|e| e.to_string())
+}
+
+impl ControlArgs {
+    fn options(self) -> anyhow::Result<runner::RunOptions> {
+        if self.checkpoint_on.is_some() && self.snapshot_dir.is_none() {
+            anyhow::bail!("--checkpoint-on needs --snapshot-dir DIR (where the images go)");
+        }
+        if let Some(dir) = &self.snapshot_dir {
+            if !dir.is_dir() {
+                anyhow::bail!("--snapshot-dir {}: not a directory", dir.display());
+            }
+        }
+        Ok(runner::RunOptions {
+            api_sock: self.api_sock,
+            snapshot_dir: self.snapshot_dir,
+            checkpoint_on: self.checkpoint_on,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The running VMM's API socket.
+    #[arg(long)]
+    api_sock: PathBuf,
+    #[command(subcommand)]
+    command: AgentCommand,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Check that the agent answers; prints its restore generation and the round trip.
+    Ping,
+    /// Run a command in the guest: its output here, its exit status ours.
+    Exec(AgentExecArgs),
+    /// Sync and freeze the guest's writable filesystems.
+    Freeze,
+    /// Thaw what freeze froze.
+    Thaw,
+}
+
+#[derive(clap::Args)]
+struct AgentExecArgs {
+    /// Run on a pseudo-terminal in the guest, with this terminal in raw mode
+    /// (implies --interactive).
+    #[arg(short, long)]
+    tty: bool,
+    /// Pass this process's stdin to the command.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Set an environment variable (NAME=value), repeatable.
+    #[arg(short, long, value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -54,9 +133,8 @@ struct RunArgs {
     /// Kernel command line, replacing the default one (devices are still appended).
     #[arg(long)]
     cmdline: Option<String>,
-    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
-    #[arg(long)]
-    api_sock: Option<PathBuf>,
+    #[command(flatten)]
+    control: ControlArgs,
     /// Attach a virtio-net device to an existing TAP interface (repeatable):
     /// tap=NAME[,mac=MAC][,ip=ADDR/PREFIX[,gw=GW]]. With ip=, the guest agent
     /// configures the interface (and the default route through gw=).
@@ -94,9 +172,8 @@ struct RestoreArgs {
     /// The image: a file, or - for stdin.
     #[arg(long)]
     from: String,
-    /// Serve the control API on this Unix socket.
-    #[arg(long)]
-    api_sock: Option<PathBuf>,
+    #[command(flatten)]
+    control: ControlArgs,
     /// Where the image's disks are materialized (sparse files named after the image id).
     #[arg(long, default_value = ".")]
     disk_dir: PathBuf,
@@ -126,49 +203,6 @@ struct InspectArgs {
     json: bool,
 }
 
-/// One HTTP request to the VMM's API socket; streams the body into `sink`.
-fn api_request(
-    sock: &std::path::Path,
-    method: &str,
-    path: &str,
-    body: &str,
-    sink: &mut dyn std::io::Write,
-) -> anyhow::Result<u32> {
-    let mut easy = curl::easy::Easy::new();
-    easy.unix_socket_path(Some(sock))?;
-    easy.url(&format!("http://localhost{path}"))?;
-    easy.custom_request(method)?;
-    let mut headers = curl::easy::List::new();
-    headers.append("Content-Type: application/json")?;
-    easy.http_headers(headers)?;
-    easy.post_fields_copy(body.as_bytes())?;
-    let mut write_err = None;
-    {
-        let mut t = easy.transfer();
-        t.write_function(|data| match sink.write_all(data) {
-            Ok(()) => Ok(data.len()),
-            Err(e) => {
-                write_err = Some(e);
-                Ok(0)
-            }
-        })?;
-        if let Err(e) = t.perform() {
-            drop(t);
-            if let Some(w) = write_err {
-                anyhow::bail!("cannot write the image: {w}");
-            }
-            if e.is_couldnt_connect() {
-                anyhow::bail!(
-                    "no VMM answers on {} (is it running with --api-sock?)",
-                    sock.display()
-                );
-            }
-            anyhow::bail!("request to {} failed: {e}", sock.display());
-        }
-    }
-    Ok(easy.response_code()?)
-}
-
 /// Keeps the last bytes written, to check that a streamed image is whole.
 struct Tail<W> {
     inner: W,
@@ -190,13 +224,6 @@ impl<W: std::io::Write> std::io::Write for Tail<W> {
     }
 }
 
-fn api_error(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
-}
-
 fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
     if args.out == "-" {
         let req = SnapshotBody::new(None, args.options);
@@ -206,12 +233,13 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
             last: Vec::new(),
             bytes: 0,
         };
-        let code = api_request(
+        let code = vmm::client::request(
             &args.api_sock,
             "PUT",
             "/vm/snapshot",
-            &serde_json::to_string(&req)?,
+            serde_json::to_string(&req)?.as_bytes(),
             &mut tail,
+            &mut |_| {},
         )?;
         std::io::Write::flush(&mut tail)?;
         if code != 200 {
@@ -236,15 +264,16 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
     };
     let req = SnapshotBody::new(Some(abs), args.options);
     let mut body = Vec::new();
-    let code = api_request(
+    let code = vmm::client::request(
         &args.api_sock,
         "PUT",
         "/vm/snapshot",
-        &serde_json::to_string(&req)?,
+        serde_json::to_string(&req)?.as_bytes(),
         &mut body,
+        &mut |_| {},
     )?;
     if code != 200 {
-        anyhow::bail!("snapshot failed: {}", api_error(&body));
+        anyhow::bail!("snapshot failed: {}", vmm::client::error_text(&body));
     }
     log::info!("{}", String::from_utf8_lossy(&body));
     Ok(0)
@@ -295,14 +324,9 @@ fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
         taps: args.net.into_iter().map(|n| n.0).collect(),
         vsock_uds: args.vsock.map(|v| v.0),
     };
-    let finished = runner::restore(
-        from,
-        &args.disk_dir,
-        &overrides,
-        args.api_sock.as_deref(),
-        start,
-    )
-    .with_context(|| format!("cannot restore from {}", args.from))?;
+    let opts = args.control.options()?;
+    let finished = runner::restore(from, &args.from, &args.disk_dir, &overrides, &opts, start)
+        .with_context(|| format!("cannot restore from {}", args.from))?;
     if args.timings {
         eprintln!("{}", finished.timings);
     }
@@ -319,6 +343,53 @@ fn inspect_cmd(args: InspectArgs) -> anyhow::Result<i32> {
         report.to_string()
     };
     use std::io::Write;
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(0)
+}
+
+fn agent_cmd(args: AgentArgs) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let sock = &args.api_sock;
+    let call = |path: &str| vmm::client::json(sock, "PUT", path, &serde_json::json!({}));
+    let text = match args.command {
+        AgentCommand::Ping => {
+            let v = call("/agent/ping").context("ping")?;
+            format!(
+                "agent answers: generation {}, round trip {:.1} ms\n",
+                v["generation"],
+                v["rtt_ms"].as_f64().unwrap_or(0.0)
+            )
+        }
+        AgentCommand::Freeze => {
+            let v = call("/agent/freeze").context("freeze")?;
+            format!("frozen: {}\n", v["frozen"])
+        }
+        AgentCommand::Thaw => {
+            let v = call("/agent/thaw").context("thaw")?;
+            format!("thawed: {}\n", v["thawed"])
+        }
+        AgentCommand::Exec(e) => {
+            let (rows, cols) = vmm::terminal::size().unwrap_or((24, 80));
+            let _raw = e.tty.then(vmm::terminal::RawTerminal::enter_if_tty);
+            let end = vmm::client::exec(
+                sock,
+                guest_abi::agent::ExecRequest {
+                    argv: e.command,
+                    env: e.env,
+                    tty: e.tty,
+                    stdin: e.tty || e.interactive,
+                    rows,
+                    cols,
+                },
+            )
+            .context("exec")?;
+            drop(_raw);
+            if let Some(m) = end.message {
+                eprintln!("vmm: {m}");
+            }
+            return Ok(end.status);
+        }
+    };
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(0)
 }
@@ -348,13 +419,13 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
         mem_mib: args.mem,
         vcpus,
         cmdline: args.cmdline,
-        api_sock: args.api_sock,
         command: args.command,
         nets: args.net,
         vsock: args.vsock,
     };
     let timings = args.timings;
-    let finished = runner::run(cfg, start).context("cannot run the VM")?;
+    let opts = args.control.options()?;
+    let finished = runner::run(cfg, &opts, start).context("cannot run the VM")?;
     if timings {
         eprintln!("{}", finished.timings);
     }
@@ -393,6 +464,7 @@ fn main() -> ExitCode {
         Command::Snapshot(args) => snapshot_cmd(args),
         Command::Restore(args) => restore_cmd(args, start),
         Command::Inspect(args) => inspect_cmd(args),
+        Command::Agent(args) => agent_cmd(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -2,7 +2,7 @@
 //! the main thread, and reports how it ended.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -11,7 +11,13 @@ use std::time::{Duration, Instant};
 use crate::api::{ApiError, ApiServer, VmInfo};
 use crate::boot::VmConfig;
 use crate::device_manager::{DeviceManager, RestoreOverrides};
-use crate::events::{ApiFailure, ApiRequest, SnapshotRequest, StopReason, VmEvent};
+use guest_abi::agent::{Reply, Request};
+
+use crate::agent::{AgentChannel, AgentError};
+use crate::checkpoint::{self, checkpoint_path};
+use crate::events::{
+    ApiFailure, ApiRequest, SnapshotOptions, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
+};
 use crate::image::{self, ImageError};
 use crate::machine::{Lifecycle, Machine, MachineError};
 use crate::terminal::RawTerminal;
@@ -23,6 +29,8 @@ pub enum RunError {
     Machine(#[from] MachineError),
     #[error("cannot start the API server")]
     Api(#[source] ApiError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
     #[error("the guest stopped: {0}")]
@@ -49,8 +57,20 @@ pub struct Finished {
     pub timings: String,
 }
 
+/// How a running VMM is controlled, beyond its machine.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    /// Serve the API on this socket.
+    pub api_sock: Option<PathBuf>,
+    /// Where checkpoints asked for by the guest, a signal or
+    /// `PUT /vm/checkpoint` go; without it they are refused.
+    pub snapshot_dir: Option<PathBuf>,
+    /// Checkpoint into `snapshot_dir` when this signal arrives.
+    pub checkpoint_on: Option<i32>,
+}
+
 /// Boots the VM and runs it until the guest stops.
-pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
+pub fn run(cfg: VmConfig, opts: &RunOptions, start: Instant) -> Result<Finished, RunError> {
     let timeline = Arc::new(Timeline::new(start));
     let (events_tx, events_rx) = mpsc::channel();
     let machine = Machine::boot(
@@ -59,27 +79,24 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<Finished, RunError> {
         events_tx.clone(),
         timeline,
     )?;
-    run_machine(
-        machine,
-        events_tx,
-        events_rx,
-        cfg.api_sock.as_deref(),
-        start,
-    )
+    run_machine(machine, events_tx, events_rx, opts, start)
 }
 
 /// Restores the VM in the image `from` and runs it until the guest stops.
+/// `source` names the image (a path, or `-`) for the restored guest.
 pub fn restore(
     from: Box<dyn Read>,
+    source: &str,
     disk_dir: &Path,
     overrides: &RestoreOverrides,
-    api_sock: Option<&Path>,
+    opts: &RunOptions,
     start: Instant,
 ) -> Result<Finished, RunError> {
     let timeline = Arc::new(Timeline::new(start));
     let (events_tx, events_rx) = mpsc::channel();
     let machine = Machine::restore(
         from,
+        source,
         disk_dir,
         overrides,
         Box::new(std::io::stdout()),
@@ -87,7 +104,7 @@ pub fn restore(
         timeline,
     )?;
     log::info!("restored in {:?}", start.elapsed());
-    run_machine(machine, events_tx, events_rx, api_sock, start)
+    run_machine(machine, events_tx, events_rx, opts, start)
 }
 
 /// Runs a built (booted or restored) machine until it stops, serving the API.
@@ -95,11 +112,14 @@ fn run_machine(
     mut machine: Machine,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
-    api_sock: Option<&Path>,
+    opts: &RunOptions,
     start: Instant,
 ) -> Result<Finished, RunError> {
     let config = machine.config().clone();
-    let _api = match api_sock {
+    if let Some(signal) = opts.checkpoint_on {
+        checkpoint::on_signal(signal, events_tx.clone()).map_err(RunError::Checkpoint)?;
+    }
+    let _api = match &opts.api_sock {
         Some(path) => Some(
             ApiServer::start(
                 path,
@@ -114,6 +134,7 @@ fn run_machine(
                     started: start,
                 },
                 events_tx,
+                machine.agent().clone(),
             )
             .map_err(RunError::Api)?,
         ),
@@ -134,7 +155,7 @@ fn run_machine(
         match events_rx.recv() {
             Ok(VmEvent::Stop(reason)) => break reason,
             Ok(VmEvent::Request { request, reply }) => {
-                let (answer, stop) = serve(&mut machine, request);
+                let (answer, stop) = serve(&mut machine, request, opts.snapshot_dir.as_deref());
                 let _ = reply.send(answer);
                 if stop {
                     break StopReason::Requested;
@@ -172,6 +193,11 @@ fn failure(e: MachineError) -> ApiFailure {
     }
 }
 
+/// Extra time for an agent call whose work has a bound of its own.
+const AGENT_SLACK: Duration = Duration::from_secs(1);
+/// How long a thaw may take.
+const THAW_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn snapshot_failure(e: SnapshotError) -> ApiFailure {
     match e {
         SnapshotError::Machine(e) => failure(e),
@@ -184,6 +210,7 @@ fn snapshot_failure(e: SnapshotError) -> ApiFailure {
 fn serve(
     machine: &mut Machine,
     request: ApiRequest,
+    snapshot_dir: Option<&Path>,
 ) -> (Result<serde_json::Value, ApiFailure>, bool) {
     let state =
         |m: &Machine| serde_json::json!({ "state": format!("{:?}", m.lifecycle()).to_lowercase() });
@@ -196,31 +223,120 @@ fn serve(
             machine.resume().map(|()| state(machine)).map_err(failure),
             false,
         ),
-        ApiRequest::Snapshot(req) => {
-            let was_running = machine.lifecycle() == Lifecycle::Running;
-            let stop = req.options.stop;
-            if was_running {
-                if let Err(e) = machine.pause() {
-                    return (Err(failure(e)), false);
-                }
-            }
-            let result = snapshot(machine, req);
-            // The VM survives a failed snapshot; after a good one it carries
-            // on unless asked to stop, or stays paused if it was.
-            let stop_now = stop && result.is_ok();
-            if !stop_now && was_running {
-                if let Err(e) = machine.resume() {
-                    log::error!("cannot resume the VM after a snapshot: {e}");
-                    return (result.map_err(snapshot_failure), true);
-                }
-            }
-            (result.map_err(snapshot_failure), stop_now)
+        ApiRequest::Snapshot(req) => checkpoint(machine, req),
+        ApiRequest::Checkpoint { name } => {
+            let Some(dir) = snapshot_dir else {
+                return (
+                    Err(ApiFailure::Conflict(
+                        "no snapshot directory: start the VM with --snapshot-dir DIR to let it checkpoint itself".into(),
+                    )),
+                    false,
+                );
+            };
+            let path = match checkpoint_path(dir, name.as_deref()) {
+                Ok(p) => p,
+                Err(e) => return (Err(ApiFailure::BadRequest(e.to_string())), false),
+            };
+            let req = SnapshotRequest {
+                target: SnapshotTarget::Path(path),
+                options: SnapshotOptions::default(),
+            };
+            checkpoint(machine, req)
         }
     }
 }
 
+/// Takes a snapshot the whole way: the agent readies the guest's programs
+/// and freezes its filesystems, the VM pauses, its state is captured and
+/// written, the VM carries on (unless asked to stop) and the filesystems
+/// thaw. Returns the answer and whether the VM must now stop.
+fn checkpoint(
+    machine: &mut Machine,
+    req: SnapshotRequest,
+) -> (Result<serde_json::Value, ApiFailure>, bool) {
+    let was_running = machine.lifecycle() == Lifecycle::Running;
+    let stop = req.options.stop;
+    // A paused guest cannot answer: only a running one is quiesced.
+    let frozen = was_running && quiesce(machine.agent(), req.options.quiesce_timeout_ms);
+    if was_running {
+        if let Err(e) = machine.pause() {
+            thaw(machine.agent(), frozen);
+            return (Err(failure(e)), false);
+        }
+    }
+    let result = snapshot(machine, req, frozen);
+    // The VM survives a failed snapshot; after a good one it carries on
+    // unless asked to stop, or stays paused if it was.
+    let stop_now = stop && result.is_ok();
+    if !stop_now && was_running {
+        if let Err(e) = machine.resume() {
+            log::error!("cannot resume the VM after a snapshot: {e}");
+            return (result.map_err(snapshot_failure), true);
+        }
+        thaw(machine.agent(), frozen);
+    }
+    (result.map_err(snapshot_failure), stop_now)
+}
+
+/// Asks the agent, if one is connected, to get the guest's programs ready
+/// and to freeze its filesystems, each within `timeout_ms`; true if frozen.
+fn quiesce(agent: &AgentChannel, timeout_ms: u64) -> bool {
+    if timeout_ms == 0 {
+        return false;
+    }
+    if !agent.is_connected() {
+        log::info!("snapshot: no guest agent connected; the disks are not quiesced");
+        return false;
+    }
+    let timeout = Duration::from_millis(timeout_ms);
+    let t0 = Instant::now();
+    let ms = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
+    match agent.call(Request::Prepare { timeout_ms: ms }, timeout + AGENT_SLACK) {
+        Ok(Reply::Prepared { notified, ready }) if notified > 0 => {
+            log::info!(
+                "snapshot: {ready} of {notified} registered programs ready in {:?}",
+                t0.elapsed()
+            );
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("snapshot: the guest's programs were not told: {e}"),
+    }
+    let t1 = Instant::now();
+    match agent.call(Request::Freeze, timeout) {
+        Ok(Reply::Frozen { filesystems }) => {
+            log::info!("snapshot: froze {filesystems:?} in {:?}", t1.elapsed());
+            true
+        }
+        Ok(other) => {
+            log::warn!("snapshot: the agent answered {other:?} to freeze; not quiesced");
+            false
+        }
+        Err(e) => {
+            log::warn!("snapshot: going on without quiescing the disks: {e}");
+            // A freeze that lands late must not stay.
+            if matches!(e, AgentError::Timeout(_)) {
+                thaw(agent, true);
+            }
+            false
+        }
+    }
+}
+
+fn thaw(agent: &AgentChannel, frozen: bool) {
+    if !frozen {
+        return;
+    }
+    if let Err(e) = agent.call(Request::Thaw, THAW_TIMEOUT) {
+        log::error!("cannot thaw the guest's filesystems: {e}");
+    }
+}
+
 /// Saves a paused machine's state and writes its image.
-fn snapshot(machine: &Machine, req: SnapshotRequest) -> Result<serde_json::Value, SnapshotError> {
+fn snapshot(
+    machine: &Machine,
+    req: SnapshotRequest,
+    quiesced: bool,
+) -> Result<serde_json::Value, SnapshotError> {
     let t0 = Instant::now();
     let state = machine.save_state()?;
     let capture_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -229,6 +345,7 @@ fn snapshot(machine: &Machine, req: SnapshotRequest) -> Result<serde_json::Value
         machine.ram(),
         &machine.disks(),
         &req.options,
+        quiesced,
         req.target,
     )?;
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -244,6 +361,7 @@ fn snapshot(machine: &Machine, req: SnapshotRequest) -> Result<serde_json::Value
         "bytes": written.summary.bytes,
         "memory_pages": written.summary.memory.pages,
         "memory_zero_pages": written.summary.memory.zero_pages,
+        "quiesced": quiesced,
         "state_capture_ms": capture_ms,
         "total_ms": ms,
     }))

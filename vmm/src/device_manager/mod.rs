@@ -6,8 +6,10 @@ pub mod persist;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{Rtc, Serial, I8042};
@@ -15,11 +17,12 @@ use devices::virtio::block::Block;
 use devices::virtio::mmio::reg::QUEUE_NOTIFY;
 use devices::virtio::net::{MacAddr, Net, Tap, TapError};
 use devices::virtio::rng::Rng;
-use devices::virtio::vsock::{HostListener, Vsock, VsockError};
+use devices::virtio::vsock::{HostListener, Vsock, VsockError, VsockHost};
 use devices::virtio::{MmioTransport, VirtioDevice, VirtioRestoreError, BACKEND_DATA_LIMIT};
 use devices::Persist;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::agent::AGENT_PORT;
 use crate::arch::layout::*;
 use crate::bus::{Bus, PortEffect};
 use crate::event_loop::{Drain, Subscriber};
@@ -88,6 +91,8 @@ pub struct RestoreBackends {
     pub disks: HashMap<String, DiskFile>,
     pub taps: HashMap<String, Tap>,
     pub vsock: Option<HostListener>,
+    /// Where the vsock device sends the guest agent's connections.
+    pub agent: Option<Sender<UnixStream>>,
 }
 
 /// Where a restored VM's host ends go instead of the saved ones.
@@ -114,18 +119,19 @@ pub fn open_backends(
     let vsock = match (vsock, &overrides.vsock_uds) {
         (None, None) => None,
         (None, Some(_)) => return Err(DeviceError::NoVsock),
-        (Some((id, state)), path) => {
-            let path = path.as_ref().unwrap_or(&state.uds);
-            Some(HostListener::bind(path).map_err(|e| DeviceError::Vsock {
+        (Some((id, state)), path) => match path.as_deref().or(state.uds_path()) {
+            None => None,
+            Some(path) => Some(HostListener::bind(path).map_err(|e| DeviceError::Vsock {
                 id: id.to_string(),
                 source: e.into(),
-            })?)
-        }
+            })?),
+        },
     };
     Ok(RestoreBackends {
         disks: HashMap::new(),
         taps,
         vsock,
+        agent: None,
     })
 }
 
@@ -435,13 +441,21 @@ impl DeviceManager {
         self.add_virtio_device(vm, id, Box::new(net))
     }
 
-    /// Adds the vsock device for guest `cid`, listening on `uds`.
-    pub fn add_vsock(&mut self, vm: &Vm, cid: u64, uds: &Path) -> Result<String, DeviceError> {
+    /// Adds the vsock device for guest `cid`, listening on `uds` if given;
+    /// the guest agent's connections go to `agent`.
+    pub fn add_vsock(
+        &mut self,
+        vm: &Vm,
+        cid: u64,
+        uds: Option<&Path>,
+        agent: Sender<UnixStream>,
+    ) -> Result<String, DeviceError> {
         let id = device_id("virtio-vsock", self.virtio.len());
-        let vsock = Vsock::new(cid, uds).map_err(|source| DeviceError::Vsock {
+        let mut vsock = Vsock::new(cid, uds).map_err(|source| DeviceError::Vsock {
             id: id.clone(),
             source,
         })?;
+        vsock.add_service(AGENT_PORT, agent);
         self.add_virtio_device(vm, id, Box::new(vsock))
     }
 
@@ -553,6 +567,7 @@ impl DeviceManager {
             mut disks,
             mut taps,
             mut vsock,
+            agent,
         } = backends;
         for d in saved {
             if !id_matches(&d.id, &d.state) {
@@ -652,10 +667,17 @@ impl DeviceManager {
                     })?;
                 }
                 DeviceState::VirtioVsock(slot) => {
-                    let host = vsock.take().ok_or_else(|| DeviceError::BadDevice {
-                        id: d.id.clone(),
-                        reason: "no host socket was opened for it".into(),
-                    })?;
+                    let host = vsock.take();
+                    if host.is_none() && slot.virtio.device.uds_path().is_some() {
+                        return Err(DeviceError::BadDevice {
+                            id: d.id.clone(),
+                            reason: "no host socket was opened for it".into(),
+                        });
+                    }
+                    let host = VsockHost {
+                        listener: host,
+                        services: agent.iter().map(|a| (AGENT_PORT, a.clone())).collect(),
+                    };
                     dm.add_virtio(vm, d.id.clone(), |irq| {
                         restore_virtio::<Vsock>(mem, irq, host, &slot.virtio)
                             .map_err(restore_failed)

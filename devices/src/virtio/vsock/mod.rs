@@ -1,4 +1,10 @@
-//! virtio-vsock backed by Unix sockets on the host (see [`uds`]).
+//! virtio-vsock backed by Unix sockets on the host (see [`uds`]), and by
+//! services inside the VMM.
+//!
+//! A host service ([`Vsock::add_service`]) takes the guest's connections
+//! to one host port: the device makes a socket pair per connection, keeps
+//! one end and hands the other to the service. This is how the guest
+//! agent's control channel reaches the VMM, with or without a host socket.
 //!
 //! Three queues: receive (packets to the guest), transmit (packets from
 //! it) and events (TRANSPORT_RESET). Everything runs on the device thread:
@@ -22,6 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::mpsc::Sender;
 
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -33,7 +40,7 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use packet::{op, Header, HDR_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
-pub use persist::VsockState;
+pub use persist::{VsockHost, VsockState};
 pub use uds::{HostListener, UdsError};
 
 /// virtio device id of a socket device.
@@ -154,7 +161,10 @@ struct Control {
 
 pub struct Vsock {
     cid: u64,
-    host: HostListener,
+    /// The host socket; without one, only host services are reachable.
+    host: Option<HostListener>,
+    /// Host ports served inside the VMM: where their connections go.
+    services: HashMap<u32, Sender<UnixStream>>,
     acked_features: u64,
     active: Option<Active>,
     conns: HashMap<ConnKey, Conn>,
@@ -177,16 +187,18 @@ struct Outgoing {
 }
 
 impl Vsock {
-    /// A device for guest `cid`, listening on `uds`.
-    pub fn new(cid: u64, uds: &Path) -> Result<Self, VsockError> {
+    /// A device for guest `cid`, listening on `uds` if given.
+    pub fn new(cid: u64, uds: Option<&Path>) -> Result<Self, VsockError> {
         check_cid(cid)?;
-        Ok(Self::with_listener(cid, HostListener::bind(uds)?))
+        let host = uds.map(HostListener::bind).transpose()?;
+        Ok(Self::with_listener(cid, host))
     }
 
-    fn with_listener(cid: u64, host: HostListener) -> Self {
+    fn with_listener(cid: u64, host: Option<HostListener>) -> Self {
         Vsock {
             cid,
             host,
+            services: HashMap::new(),
             acked_features: 0,
             active: None,
             conns: HashMap::new(),
@@ -204,8 +216,15 @@ impl Vsock {
         self.cid
     }
 
-    pub fn uds_path(&self) -> &Path {
-        self.host.path()
+    pub fn uds_path(&self) -> Option<&Path> {
+        self.host.as_ref().map(HostListener::path)
+    }
+
+    /// Serves host port `port` inside the VMM: each guest connection to it
+    /// becomes one end of a socket pair sent on `connections` (a closed
+    /// receiver refuses them). Replaces a host socket's `PATH_<port>`.
+    pub fn add_service(&mut self, port: u32, connections: Sender<UnixStream>) {
+        self.services.insert(port, connections);
     }
 
     fn token(&mut self) -> u32 {
@@ -353,19 +372,14 @@ impl Vsock {
         }
     }
 
-    /// The guest connects to host port `key.0`: to whoever listens on
-    /// `PATH_<port>`.
+    /// The guest connects to host port `key.0`: to the service on that
+    /// port, or to whoever listens on `PATH_<port>`.
     fn guest_connect(&mut self, key: ConnKey, h: &Header) {
         if self.conns.contains_key(&key) {
             return self.reset(key);
         }
-        let path = self.host.port_path(key.0);
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            Ok(_) | Err(_) => {
-                log::debug!("vsock: guest connection to {} refused", path.display());
-                return self.send(op::RST, 0, key);
-            }
+        let Some(stream) = self.connect_host_port(key.0) else {
+            return self.send(op::RST, 0, key);
         };
         let token = self.token();
         let mut c = Conn::new(stream, token, ConnState::Established);
@@ -375,6 +389,30 @@ impl Vsock {
         self.tokens.insert(token, key);
         self.to_watch.push(token);
         self.send(op::RESPONSE, 0, key);
+    }
+
+    /// A non-blocking stream to what serves host port `port`.
+    fn connect_host_port(&mut self, port: u32) -> Option<UnixStream> {
+        let stream = if let Some(service) = self.services.get(&port) {
+            let (ours, theirs) = UnixStream::pair().ok()?;
+            if service.send(theirs).is_err() {
+                log::debug!("vsock: the service on host port {port} is gone");
+                self.services.remove(&port);
+                return None;
+            }
+            ours
+        } else {
+            let path = self.host.as_ref()?.port_path(port);
+            match UnixStream::connect(&path) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::debug!("vsock: guest connection to {}: {e}", path.display());
+                    return None;
+                }
+            }
+        };
+        stream.set_nonblocking(true).ok()?;
+        Some(stream)
     }
 
     /// Serves the transmit queue.
@@ -507,12 +545,13 @@ impl Vsock {
     /// Accepts the host's new connections.
     fn accept(&mut self, ops: &mut EventOps) {
         loop {
-            let stream = match self.host.listener.accept() {
+            let Some(host) = &self.host else { return };
+            let stream = match host.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("vsock: accept on {}: {e}", self.host.path().display());
+                    log::warn!("vsock: accept on {}: {e}", host.path().display());
                     return;
                 }
             };
@@ -637,9 +676,10 @@ impl VirtioDevice for Vsock {
     }
 
     fn init_backend(&mut self, ops: &mut EventOps) {
-        let watch = Events::with_data(&self.host.listener, LISTENER_EVENT, EventSet::IN);
+        let Some(host) = &self.host else { return };
+        let watch = Events::with_data(&host.listener, LISTENER_EVENT, EventSet::IN);
         if let Err(e) = ops.add(watch) {
-            log::error!("vsock: cannot watch {}: {e}", self.host.path().display());
+            log::error!("vsock: cannot watch {}: {e}", host.path().display());
         }
     }
 
