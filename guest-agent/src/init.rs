@@ -11,6 +11,7 @@ use std::fmt::Display;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStringExt;
 
+use crate::children;
 use crate::cmdline::{self, Namespaces};
 use crate::command;
 use crate::status::{self, STATUS_PORT};
@@ -57,6 +58,9 @@ fn run() -> u8 {
     setup();
     crate::clock::set_from_rtc();
     crate::net::configure(&args.nets);
+    let agent = crate::control::Agent::start();
+    crate::local::start(&agent);
+    crate::restore::write_generation(0);
 
     let argv = match args.command {
         Some(argv) => argv,
@@ -81,6 +85,7 @@ fn run() -> u8 {
         controlling_tty: true,
         unshare_flags: unshare_flags(args.unshare),
         workdir: CString::from(c"/"),
+        stdio: None,
     };
     match sys::spawn(&spec) {
         Ok(pid) => wait_for(pid),
@@ -126,6 +131,18 @@ fn setup() {
         libc::MS_NOSUID | libc::MS_NODEV,
         Some(c"mode=1777"),
     );
+    // The agent's socket, FIFO and generation live here: in memory, so a
+    // frozen root filesystem never blocks them.
+    mount(
+        c"tmpfs",
+        c"/run",
+        c"tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(c"mode=0755"),
+    );
+    if let Err(e) = sys::mkdir(c"/run/vmm", 0o755) {
+        say(format!("mkdir /run/vmm: {e}"));
+    }
     // Scratch space in memory instead of the journaled, virtio-backed root.
     mount(
         c"tmpfs",
@@ -186,7 +203,8 @@ fn wait_for(main: libc::pid_t) -> u8 {
     loop {
         match sys::wait_any() {
             Ok(Some((pid, st))) if pid == main => return status::from_wait_status(st),
-            Ok(Some(_)) => {}
+            // A command run for the VMM, or an orphan.
+            Ok(Some((pid, st))) => children::exited(pid, st),
             Ok(None) => {
                 say("lost track of the main process (no children left)");
                 return status::CANNOT_EXECUTE;

@@ -7,6 +7,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
@@ -227,6 +228,8 @@ pub struct Spawn {
     /// CLONE_NEW* flags for unshare(2); 0 for none.
     pub unshare_flags: c_int,
     pub workdir: CString,
+    /// The child's stdin, stdout and stderr; None inherits the agent's.
+    pub stdio: Option<[c_int; 3]>,
 }
 
 /// The step of starting the main process that failed.
@@ -237,6 +240,7 @@ pub enum SpawnStep {
     Unshare,
     Chdir,
     Exec,
+    Stdio,
 }
 
 impl SpawnStep {
@@ -247,6 +251,7 @@ impl SpawnStep {
             3 => Self::Unshare,
             4 => Self::Chdir,
             5 => Self::Exec,
+            6 => Self::Stdio,
             _ => return None,
         })
     }
@@ -267,6 +272,7 @@ impl fmt::Display for SpawnError {
             SpawnStep::Unshare => "unshare (does the guest kernel have the namespace?)",
             SpawnStep::Chdir => "chdir",
             SpawnStep::Exec => "exec",
+            SpawnStep::Stdio => "dup2",
         };
         write!(f, "{step}: {}", self.error)
     }
@@ -283,6 +289,7 @@ struct ChildArgs {
     controlling_tty: bool,
     unshare_flags: c_int,
     workdir: *const c_char,
+    stdio: Option<[c_int; 3]>,
     failed_step: AtomicU8,
     failed_errno: AtomicI32,
 }
@@ -304,6 +311,7 @@ pub fn spawn(spec: &Spawn) -> Result<libc::pid_t, SpawnError> {
         controlling_tty: spec.controlling_tty,
         unshare_flags: spec.unshare_flags,
         workdir: spec.workdir.as_ptr(),
+        stdio: spec.stdio,
         failed_step: AtomicU8::new(0),
         failed_errno: AtomicI32::new(0),
     };
@@ -371,6 +379,15 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     if unsafe { libc::setsid() } == -1 {
         return fail(SpawnStep::Setsid, errno());
     }
+    if let Some(fds) = args.stdio {
+        for (target, fd) in (0..).zip(fds) {
+            // SAFETY: dup2 takes no pointers. The copies on 0-2 lose
+            // O_CLOEXEC; the originals keep it and close at exec.
+            if unsafe { libc::dup2(fd, target) } == -1 {
+                return fail(SpawnStep::Stdio, errno());
+            }
+        }
+    }
     if args.controlling_tty {
         attach_console();
     }
@@ -433,6 +450,137 @@ fn attach_console() {
     }
     // SAFETY: as above, TIOCSCTTY with an int argument.
     unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+}
+
+/// A pipe, both ends close-on-exec: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: fds is a writable array of two ints, as pipe2 expects.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// open(2), close-on-exec.
+pub fn open(path: &CStr, flags: c_int) -> io::Result<OwnedFd> {
+    // SAFETY: path is a NUL-terminated string borrowed for the call.
+    let fd = check(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A new pseudo-terminal of `rows` x `cols`: (master, slave), both
+/// close-on-exec.
+pub fn open_pty(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: posix_openpt takes no pointers; the result is checked.
+    let master =
+        check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    // SAFETY: a new descriptor that nothing else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    // SAFETY: grantpt and unlockpt take the master's descriptor only.
+    check(unsafe { libc::grantpt(master.as_raw_fd()) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::unlockpt(master.as_raw_fd()) })?;
+    let mut name = [0 as c_char; 64];
+    // SAFETY: name is a writable buffer of the length passed.
+    let r = unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated path into name.
+    let path = unsafe { CStr::from_ptr(name.as_ptr()) };
+    let slave = open(path, libc::O_RDWR | libc::O_NOCTTY)?;
+    set_window_size(&master, rows, cols)?;
+    Ok((master, slave))
+}
+
+/// TIOCSWINSZ: the terminal's size (0 leaves the default).
+pub fn set_window_size(tty: &OwnedFd, rows: u16, cols: u16) -> io::Result<()> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize that outlives the call.
+    check(unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
+}
+
+/// kill(2).
+pub fn kill(pid: libc::pid_t, signal: c_int) -> io::Result<()> {
+    // SAFETY: kill takes no pointers.
+    check(unsafe { libc::kill(pid, signal) })?;
+    Ok(())
+}
+
+/// Whether process `pid` exists (kill with signal 0).
+pub fn alive(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || errno() == libc::EPERM }
+}
+
+/// FIFREEZE: `_IOWR('X', 119, int)`.
+const FIFREEZE: libc::c_ulong = 0xc004_5877;
+/// FITHAW: `_IOWR('X', 120, int)`.
+const FITHAW: libc::c_ulong = 0xc004_5878;
+
+/// Syncs and freezes the filesystem mounted on `mount_point`: writers
+/// block until it is thawed.
+pub fn freeze_fs(mount_point: &CStr) -> io::Result<()> {
+    let dir = open(mount_point, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    // SAFETY: FIFREEZE takes an int argument, unused.
+    check(unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE, 0) })?;
+    Ok(())
+}
+
+/// Thaws the filesystem mounted on `mount_point`.
+pub fn thaw_fs(mount_point: &CStr) -> io::Result<()> {
+    let dir = open(mount_point, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    // SAFETY: FITHAW takes an int argument, unused.
+    check(unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) })?;
+    Ok(())
+}
+
+/// RNDADDENTROPY: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// RNDRESEEDCRNG: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Credits `entropy` to the kernel's pool, then reseeds its CRNG from it,
+/// so what /dev/urandom returns from now on depends on these bytes.
+pub fn add_entropy_and_reseed(entropy: &[u8]) -> io::Result<()> {
+    let random = open(c"/dev/urandom", libc::O_WRONLY)?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    let bits = c_int::try_from(entropy.len() * 8).unwrap_or(c_int::MAX);
+    let len = c_int::try_from(entropy.len()).unwrap_or(c_int::MAX);
+    info.extend_from_slice(&bits.to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(entropy);
+    // u32 alignment for the kernel's struct: copy into u32s.
+    let mut words = vec![0u32; info.len().div_ceil(4)];
+    for (w, chunk) in words.iter_mut().zip(info.chunks(4)) {
+        let mut b = [0u8; 4];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *w = u32::from_ne_bytes(b);
+    }
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info whose buf_size bytes
+    // follow its two ints, all inside `words`, alive for the call.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, words.as_ptr()) })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG, 0) })?;
+    Ok(())
+}
+
+/// mkfifo(3).
+pub fn mkfifo(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: path is a NUL-terminated string borrowed for the call.
+    check(unsafe { libc::mkfifo(path.as_ptr(), mode) })?;
+    Ok(())
 }
 
 /// An AF_INET datagram socket: the handle for interface ioctls.
@@ -628,6 +776,7 @@ mod tests {
             controlling_tty: false,
             unshare_flags: 0,
             workdir: CString::new("/").unwrap(),
+            stdio: None,
         }
     }
 
@@ -653,6 +802,20 @@ mod tests {
         let status = wait_for(pid);
         assert!(libc::WIFEXITED(status));
         assert_eq!(libc::WEXITSTATUS(status), 7);
+    }
+
+    #[test]
+    fn spawn_connects_stdio() {
+        let (out_r, out_w) = pipe().unwrap();
+        let devnull = open(c"/dev/null", libc::O_RDONLY).unwrap();
+        let mut s = spec(&["/bin/sh"], &["sh", "-c", "echo out; echo err >&2; cat"]);
+        s.stdio = Some([devnull.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()]);
+        let pid = spawn(&s).unwrap();
+        drop(out_w);
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(out_r), &mut text).unwrap();
+        assert_eq!(wait_for(pid), 0);
+        assert_eq!(text, "out\nerr\n");
     }
 
     #[test]
