@@ -67,13 +67,21 @@ log "building the guest agent"
 (
     cd "$repo"
     RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static' \
-        nice cargo build --release -p guest-agent --bins --target "$target" >&2
+        nice cargo build --release -p guest-agent -p vmm-ckpt --bins --lib --target "$target" >&2
 )
-agent="${CARGO_TARGET_DIR:-$repo/target}/$target/release/vmm-agent"
+bindir="${CARGO_TARGET_DIR:-$repo/target}/$target/release"
+agent="$bindir/vmm-agent"
 [ -x "$agent" ] || die "cargo did not produce $agent"
 if command -v file >/dev/null && ! file -b "$agent" | grep -q 'statically linked'; then
     die "$agent is not statically linked: the guest image has no dynamic loader for it"
 fi
+# The in-guest checkpoint library's C test program, linked as a user would:
+# static, against libvmm_ckpt.a and its header.
+log "building vmm-ckpt-counter"
+cc -static -O2 -Wall -Werror -I "$repo/guest-agent/ckpt/include" \
+    -o "$bindir/vmm-ckpt-counter.tmp" "$here/guest-programs/ckpt-counter.c" \
+    "$bindir/libvmm_ckpt.a" -lpthread -ldl -lm -lrt >&2
+mv -f "$bindir/vmm-ckpt-counter.tmp" "$bindir/vmm-ckpt-counter"
 
 # 3. Root filesystem image, assembled in place in the guest dir.
 if [ "$fresh" = 1 ]; then

@@ -92,16 +92,22 @@ if [ ! -f "$base/.complete" ]; then
     log "base built in $(($(date +%s) - start)) s"
 fi
 
-# The in-guest tools built next to the agent (the system-call benchmark, the
-# network test server) go in too.
+# The in-guest tools built next to the agent (vmm-ckpt, the system-call
+# benchmark, the network test server, the checkpoint library's test program)
+# go in too, and the checkpoint library with its header.
+bindir=$(dirname "$agent")
 tools=()
-for t in vmm-syscall-bench vmm-netserve; do
-    if [ -f "$(dirname "$agent")/$t" ]; then tools+=("$(dirname "$agent")/$t"); fi
+for t in vmm-ckpt vmm-syscall-bench vmm-netserve vmm-ckpt-counter; do
+    if [ -f "$bindir/$t" ]; then tools+=("$bindir/$t"); fi
 done
+lib="$bindir/libvmm_ckpt.a"
+header="$here/../guest-agent/ckpt/include/vmm_ckpt.h"
 stamp=$( {
     echo "$key $size"
     sha256sum <"$agent"
     for t in "${tools[@]}"; do sha256sum <"$t"; done
+    if [ -f "$lib" ]; then sha256sum <"$lib"; fi
+    cat "$header"
     cat "$self"
 } | sha256sum | cut -c1-16)
 if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp" ]; then
@@ -123,6 +129,11 @@ install -m 0755 -o 0 -g 0 "$agent" "$stage/sbin/vmm-agent"
 for t in "${tools[@]}"; do
     install -m 0755 -o 0 -g 0 "$t" "$stage/usr/local/bin/$(basename "$t")"
 done
+if [ -f "$lib" ]; then
+    install -D -m 0644 -o 0 -g 0 "$lib" "$stage/usr/local/lib/libvmm_ckpt.a"
+fi
+install -D -m 0644 -o 0 -g 0 "$header" "$stage/usr/local/include/vmm_ckpt.h"
+install -d -m 0755 "$stage/etc/vmm/restore.d"
 echo vmm >"$stage/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tvmm\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$stage/etc/hosts"
 : >"$stage/etc/fstab"
