@@ -280,7 +280,10 @@ impl Agent {
                 let generation = self.generation.load(Ordering::Acquire);
                 return self.respond(id, Ok(Reply::Pong { generation }));
             }
-            Request::Exec(req) => Box::new(move || exec::run(&a, id, req)),
+            Request::Exec(req) => {
+                let input = exec::register(self, id);
+                Box::new(move || exec::run(&a, id, req, input))
+            }
             Request::Prepare { timeout_ms } => Box::new(move || {
                 let (notified, ready) = a
                     .notify
@@ -295,10 +298,13 @@ impl Agent {
                 let r = freeze::thaw(&a);
                 a.respond(id, r.map(|filesystems| Reply::Thawed { filesystems }));
             }),
-            Request::AfterRestore(ar) => Box::new(move || {
-                let reply = restore::after_restore(&a, &ar);
-                a.respond(id, Ok(reply));
-            }),
+            Request::AfterRestore(ar) => {
+                let received = Instant::now();
+                Box::new(move || {
+                    let reply = restore::after_restore(&a, &ar, received);
+                    a.respond(id, Ok(reply));
+                })
+            }
             Request::Checkpoint { .. } => {
                 return self.respond(
                     id,

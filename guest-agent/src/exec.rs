@@ -25,6 +25,7 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 /// A running command, as input and signals reach it.
 pub struct Running {
+    /// 0 until it is started.
     pid: libc::pid_t,
     /// Its input, written by a thread of its own (a command that does not
     /// read must not block the channel); None once closed or if it takes
@@ -38,9 +39,27 @@ fn failure(errno: i32, message: String) -> Failure {
     Failure { errno, message }
 }
 
-/// Runs `req` for request `id` to its end; answers `Exited` or a failure.
-pub fn run(agent: &Arc<Agent>, id: u64, req: ExecRequest) {
-    let result = start(agent, id, &req);
+/// Lists command `id` before it starts, so input that arrives while it
+/// starts waits for it instead of being lost. Called on the channel's
+/// thread, in order with the frames that follow.
+pub fn register(agent: &Agent, id: u64) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    let running = Running {
+        pid: 0,
+        stdin: Some(tx),
+        tty: None,
+    };
+    lock(&agent.execs).insert(id, running);
+    rx
+}
+
+/// Runs `req` for request `id` (see [`register`]) to its end; answers
+/// `Exited` or a failure.
+pub fn run(agent: &Arc<Agent>, id: u64, req: ExecRequest, input: mpsc::Receiver<Vec<u8>>) {
+    let result = start(agent, id, &req, input);
+    if result.is_err() {
+        lock(&agent.execs).remove(&id);
+    }
     let body = match result {
         Ok((status_rx, readers)) => {
             let status = status_rx.recv().unwrap_or(0);
@@ -62,7 +81,12 @@ pub fn run(agent: &Arc<Agent>, id: u64, req: ExecRequest) {
 
 type Started = (mpsc::Receiver<libc::c_int>, Vec<mpsc::Receiver<()>>);
 
-fn start(agent: &Arc<Agent>, id: u64, req: &ExecRequest) -> Result<Started, Failure> {
+fn start(
+    agent: &Arc<Agent>,
+    id: u64,
+    req: &ExecRequest,
+    input: mpsc::Receiver<Vec<u8>>,
+) -> Result<Started, Failure> {
     let io_err = |what: &str, e: std::io::Error| {
         failure(
             e.raw_os_error().unwrap_or(libc::EIO),
@@ -140,13 +164,12 @@ fn start(agent: &Arc<Agent>, id: u64, req: &ExecRequest) -> Result<Started, Fail
     // Only the child keeps its ends: our output reads end when it exits.
     drop(child_fds);
     let is_tty = tty.is_some();
-    let stdin = stdin.and_then(|fd| {
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    if let Some(fd) = stdin {
         let mut file = std::fs::File::from(fd);
-        std::thread::Builder::new()
+        let _ = std::thread::Builder::new()
             .name("exec-input".into())
             .spawn(move || {
-                for data in rx {
+                for data in input {
                     let data = match (data.is_empty(), is_tty) {
                         // End of input: a terminal reads ^D, a pipe closes.
                         (true, true) => vec![4],
@@ -157,11 +180,12 @@ fn start(agent: &Arc<Agent>, id: u64, req: &ExecRequest) -> Result<Started, Fail
                         return;
                     }
                 }
-            })
-            .ok()
-            .map(|_| tx)
-    });
-    lock(&agent.execs).insert(id, Running { pid, stdin, tty });
+            });
+    }
+    if let Some(r) = lock(&agent.execs).get_mut(&id) {
+        r.pid = pid;
+        r.tty = tty;
+    }
     let mut readers = Vec::new();
     for (fd, end) in outputs {
         let (done_tx, done_rx) = mpsc::channel();
@@ -219,7 +243,8 @@ pub fn resize(agent: &Agent, id: u64, rows: u16, cols: u16) {
 }
 
 pub fn signal(agent: &Agent, id: u64, signal: i32) {
-    if let Some(r) = lock(&agent.execs).get(&id) {
+    // pid 0 would signal the agent's own process group.
+    if let Some(r) = lock(&agent.execs).get(&id).filter(|r| r.pid > 0) {
         let _ = sys::kill(r.pid, signal);
     }
 }

@@ -1,7 +1,7 @@
-//! What the agent does as soon as a restored VM runs, in this order: thaw
-//! the filesystems the snapshot froze, set the wall clock from the host's,
-//! reseed the kernel's RNG with fresh host entropy (clones of one image
-//! must not share their random numbers), count the restore in
+//! What the agent does as soon as a restored VM runs, in this order: set
+//! the wall clock from the host's, reseed the kernel's RNG with fresh host
+//! entropy (clones of one image must not share their random numbers), thaw
+//! the filesystems the snapshot froze, count the restore in
 //! /run/vmm/generation, signal the registered programs, run the hooks in
 //! /etc/vmm/restore.d, and answer the checkpoint requests the image held
 //! (`restored`).
@@ -23,26 +23,42 @@ use crate::{command, freeze};
 /// How long one hook may run before the agent stops waiting for it.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn after_restore(agent: &Agent, ar: &AfterRestore) -> Reply {
+/// `received`: when the request arrived; the host's time in it is that
+/// old by the time the clock is set.
+pub fn after_restore(agent: &Agent, ar: &AfterRestore, received: Instant) -> Reply {
     let t0 = Instant::now();
-    let _ = freeze::thaw(agent);
-    if let Err(e) = sys::set_realtime(ar.unix_secs, ar.unix_nanos) {
+    let mut steps = Vec::new();
+    let mut step = |name: &str, since: &mut Instant| {
+        steps.push((name.to_string(), since.elapsed().as_micros() as u64));
+        *since = Instant::now();
+    };
+    let mut t = Instant::now();
+    let host = Duration::new(ar.unix_secs.max(0) as u64, ar.unix_nanos) + received.elapsed();
+    if let Err(e) = sys::set_realtime(host.as_secs() as i64, host.subsec_nanos()) {
         say(format!("cannot set the clock after a restore: {e}"));
     }
+    step("clock", &mut t);
     if ar.entropy.is_empty() {
         say("the VMM sent no entropy; the RNG is not reseeded");
     } else if let Err(e) = sys::add_entropy_and_reseed(&ar.entropy) {
         say(format!("cannot reseed the RNG after a restore: {e}"));
     }
+    step("entropy", &mut t);
+    let _ = freeze::thaw(agent);
+    step("thaw", &mut t);
     let generation = agent.generation.fetch_add(1, Ordering::AcqRel) + 1;
     write_generation(generation);
+    step("generation", &mut t);
     agent.notify.after_restore();
+    step("signals", &mut t);
     let hooks = run_hooks(generation, &ar.image);
+    step("hooks", &mut t);
     agent.answer_orphans(&ar.image);
     Reply::Restored {
         generation,
         hooks,
         micros: t0.elapsed().as_micros() as u64,
+        steps,
     }
 }
 

@@ -14,30 +14,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
+use vmm_tests::bench::{env_usize as env, summary};
 use vmm_tests::netns::{echo, NetNs, GUEST_IP};
 use vmm_tests::vsock;
 use vmm_tests::{rootfs_copy, Running, Scratch};
 
 const PORT: u16 = 7000;
 const VSOCK_PORT: u32 = 5000;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn summary(label: &str, unit: &str, mut v: Vec<f64>) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let median = v[v.len() / 2];
-    println!(
-        "  {label:24} median {median:10.2} {unit}   min {:10.2}   max {:10.2}   n={}",
-        v[0],
-        v[v.len() - 1],
-        v.len()
-    );
-}
 
 fn bench(bin: &str, mib: usize, runs: usize) {
     // The helpers read VMM_BIN on each spawn; this thread is the only one.

@@ -4,6 +4,33 @@
 pub mod netns;
 pub mod vsock;
 
+/// What the benchmarks share: their knobs and how they print.
+pub mod bench {
+    /// A numeric knob from the environment.
+    pub fn env_usize(name: &str, default: usize) -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// Prints the median of `v` with its spread (min, max) and count.
+    pub fn summary(label: &str, unit: &str, mut v: Vec<f64>) {
+        if v.is_empty() {
+            println!("  {label:28} (no samples)");
+            return;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let median = v[v.len() / 2];
+        println!(
+            "  {label:28} median {median:10.2} {unit}   min {:10.2}   max {:10.2}   n={}",
+            v[0],
+            v[v.len() - 1],
+            v.len()
+        );
+    }
+}
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -256,6 +283,16 @@ impl Running {
     pub fn kill(mut self) -> Outcome {
         let _ = self.child.kill();
         self.finish(Duration::from_secs(10))
+    }
+}
+
+/// A `vmm` left running by a failed test is killed, not left to spin.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

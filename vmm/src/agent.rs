@@ -345,14 +345,20 @@ impl Shared {
                 generation,
                 hooks,
                 micros,
+                steps,
             }) => {
                 channel
                     .shared
                     .generation
                     .store(generation, Ordering::Release);
+                let steps: Vec<String> = steps
+                    .iter()
+                    .map(|(name, us)| format!("{name} {us} µs"))
+                    .collect();
                 log::info!(
-                    "after-restore work done in {:?} (guest: {micros} µs, {hooks} hooks; generation {generation})",
-                    t0.elapsed()
+                    "after-restore work done in {:?} (guest: {micros} µs: {}; {hooks} hooks; generation {generation})",
+                    t0.elapsed(),
+                    steps.join(", ")
                 );
             }
             Ok(other) => log::warn!("after-restore: unexpected answer {other:?}"),

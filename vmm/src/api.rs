@@ -17,15 +17,16 @@
 //!   `PUT /agent/freeze`, `PUT /agent/thaw`, and `PUT /agent/exec` with
 //!   `{"argv": [...], "env": [...], "tty": false}`: runs a command in the
 //!   guest and answers `{"status", "stdout", "stderr"}` once it ends. With
-//!   `"stream": true` the response body streams the command's output as
-//!   the agent's frames (`Output`, then a final `Response`), its id in the
-//!   `X-Exec-Id` header; `PUT /agent/exec/ID/input` (raw bytes, empty for
-//!   end of input), `.../resize` (`{"rows", "cols"}`) and `.../signal`
-//!   (`{"signal": N}`) reach it meanwhile. This is how `vmm agent exec`
-//!   works.
+//!   `"stream": true` and the headers `Connection: Upgrade` and
+//!   `Upgrade: vmm-exec`, the answer is `101 Switching Protocols` (the exec's
+//!   id in `X-Exec-Id`) and the connection then carries the command's
+//!   output as the agent's frames (`Output`, then a final `Response`) as it
+//!   comes; `PUT /agent/exec/ID/input` (raw bytes, empty for end of input),
+//!   `.../resize` (`{"rows", "cols"}`) and `.../signal` (`{"signal": N}`)
+//!   reach it meanwhile. This is how `vmm agent exec` works.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
@@ -104,14 +105,23 @@ impl ApiServer {
             .name("api".into())
             .spawn(move || {
                 for mut request in s.incoming_requests() {
+                    let upgrade = request.headers().iter().any(|h| {
+                        h.field.equiv("Upgrade")
+                            && h.value.as_str().eq_ignore_ascii_case(EXEC_PROTOCOL)
+                    });
+                    // A request that asks for an upgrade keeps its whole
+                    // connection as its body: read only what it declared.
+                    let declared = request.body_length().unwrap_or(0) as u64;
+                    let limit = if upgrade { declared } else { MAX_BODY };
                     let mut body = Vec::new();
-                    if let Err(e) = request.as_reader().read_to_end(&mut body) {
+                    let read = Read::take(request.as_reader(), limit).read_to_end(&mut body);
+                    if let Err(e) = read {
                         log::warn!("API: cannot read a request body: {e}");
                         continue;
                     }
                     let method = request.method().clone();
                     let url = request.url().to_string();
-                    match route(&method, &url, &body, &ctx) {
+                    match route(&method, &url, &body, upgrade, &ctx) {
                         Routed::Json(code, body) => {
                             if let Err(e) = request.respond(json_response(code, &body)) {
                                 log::warn!("API: cannot send a response: {e}");
@@ -139,6 +149,21 @@ impl ApiServer {
                                 .spawn(respond)
                             {
                                 log::error!("API: cannot start a thread for a stream: {e}");
+                            }
+                        }
+                        Routed::Upgrade(headers, session) => {
+                            let run = move || {
+                                let mut response = tiny_http::Response::empty(101);
+                                for h in &headers {
+                                    response = response.with_header(header(h));
+                                }
+                                session(request.upgrade(EXEC_PROTOCOL, response));
+                            };
+                            if let Err(e) = std::thread::Builder::new()
+                                .name("api-session".into())
+                                .spawn(run)
+                            {
+                                log::error!("API: cannot start a thread for a session: {e}");
                             }
                         }
                     }
@@ -180,10 +205,18 @@ fn json_response(
 /// How a request is answered.
 enum Routed {
     Json(u16, serde_json::Value),
-    /// The body streams from this pipe until its writer closes it; extra
-    /// headers.
+    /// The body streams from this pipe until its writer closes it.
     Stream(std::io::PipeReader, Vec<String>),
+    /// 101 Switching Protocols with these headers, then the session owns
+    /// the connection (written to as things happen, flushed each time:
+    /// tiny_http's chunked bodies are buffered).
+    Upgrade(Vec<String>, Session),
 }
+
+type Session = Box<dyn FnOnce(Box<dyn tiny_http::ReadWrite + Send>) + Send>;
+
+/// The protocol a streamed exec switches to: the agent's frames.
+pub const EXEC_PROTOCOL: &str = "vmm-exec";
 
 /// What the API thread serves with.
 struct Context {
@@ -193,6 +226,9 @@ struct Context {
     /// Streamed execs still running, by id, for their input.
     execs: Arc<Mutex<HashMap<u64, ExecHandle>>>,
 }
+
+/// The largest request body read (exec input comes in pieces far smaller).
+const MAX_BODY: u64 = 16 << 20;
 
 /// How long the agent may take to answer a ping, freeze or thaw.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -287,13 +323,19 @@ fn failed_start_status(f: &Failure) -> i32 {
 }
 
 /// `PUT /agent/exec`: runs a command, answering once it ends or streaming.
-fn exec(ctx: &Context, body: &[u8]) -> Routed {
+fn exec(ctx: &Context, body: &[u8], upgrade: bool) -> Routed {
     let b: ExecBody = match serde_json::from_slice(body) {
         Ok(b) => b,
         Err(e) => return error(400, format!("bad exec request: {e}")),
     };
     if b.argv.is_empty() {
         return error(400, "bad exec request: argv is empty");
+    }
+    if b.stream && !upgrade {
+        return error(
+            400,
+            format!("a streamed exec needs the headers Connection: Upgrade and Upgrade: {EXEC_PROTOCOL}"),
+        );
     }
     let request = ExecRequest {
         argv: b.argv,
@@ -335,17 +377,13 @@ fn exec(ctx: &Context, body: &[u8]) -> Routed {
             }),
         );
     }
-    let (reader, mut writer) = match std::io::pipe() {
-        Ok(p) => p,
-        Err(e) => return error(500, format!("cannot create a pipe: {e}")),
-    };
     let id = handle.id();
     ctx.execs
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(id, handle.clone());
     let execs = ctx.execs.clone();
-    let pump = move || {
+    let session = move |mut conn: Box<dyn tiny_http::ReadWrite + Send>| {
         for item in incoming {
             let (frame, last) = match item {
                 Incoming::Output { fd, data } => (Frame::Output { id, fd, data }, false),
@@ -361,7 +399,7 @@ fn exec(ctx: &Context, body: &[u8]) -> Routed {
                     true,
                 ),
             };
-            let sent = write_frame(&mut writer, &frame).and_then(|()| Ok(writer.flush()?));
+            let sent = write_frame(&mut conn, &frame).and_then(|()| Ok(conn.flush()?));
             if sent.is_err() {
                 // The client went away: hang the command up, as a
                 // terminal closing would.
@@ -377,13 +415,7 @@ fn exec(ctx: &Context, body: &[u8]) -> Routed {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&id);
     };
-    if let Err(e) = std::thread::Builder::new()
-        .name("exec-pump".into())
-        .spawn(pump)
-    {
-        return error(500, format!("cannot start a thread: {e}"));
-    }
-    Routed::Stream(reader, vec![format!("X-Exec-Id: {id}")])
+    Routed::Upgrade(vec![format!("X-Exec-Id: {id}")], Box::new(session))
 }
 
 /// `PUT /agent/exec/ID/{input,resize,signal}`.
@@ -442,7 +474,13 @@ fn ask(events: &Sender<VmEvent>, request: ApiRequest) -> Routed {
 }
 
 /// Maps a request to its answer.
-fn route(method: &tiny_http::Method, url: &str, body: &[u8], ctx: &Context) -> Routed {
+fn route(
+    method: &tiny_http::Method,
+    url: &str,
+    body: &[u8],
+    upgrade: bool,
+    ctx: &Context,
+) -> Routed {
     use tiny_http::Method::{Get, Put};
     let (info, events) = (&ctx.info, &ctx.events);
     if let (Put, Some(rest)) = (method, url.strip_prefix("/agent/exec/")) {
@@ -467,7 +505,7 @@ fn route(method: &tiny_http::Method, url: &str, body: &[u8], ctx: &Context) -> R
         (Get | Put, "/agent/ping") => agent_call(&ctx.agent, Request::Ping),
         (Put, "/agent/freeze") => agent_call(&ctx.agent, Request::Freeze),
         (Put, "/agent/thaw") => agent_call(&ctx.agent, Request::Thaw),
-        (Put, "/agent/exec") => exec(ctx, body),
+        (Put, "/agent/exec") => exec(ctx, body, upgrade),
         (Put, "/vm/checkpoint") => match parse_json::<CheckpointBody>(body) {
             Ok(b) => ask(events, ApiRequest::Checkpoint { name: b.name }),
             Err(r) => r,

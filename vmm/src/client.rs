@@ -2,10 +2,12 @@
 //! running VMM (`snapshot`, `agent`).
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 
-use guest_abi::agent::{read_frame, ExecRequest, Frame, FrameError, Reply};
+use guest_abi::agent::{read_frame, ExecRequest, Frame, Reply};
+
+use crate::api::EXEC_PROTOCOL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -21,10 +23,10 @@ pub enum ClientError {
     Write(#[source] std::io::Error),
     #[error("{0}")]
     Refused(String),
-    #[error("the VMM's exec stream is malformed")]
-    Stream(#[source] FrameError),
     #[error("the exec stream ended before the command's status")]
     Truncated,
+    #[error("the connection to {0} failed")]
+    Io(String, #[source] std::io::Error),
 }
 
 /// One HTTP request to the VMM's API socket; streams the response body
@@ -188,8 +190,13 @@ impl Write for ExecSink {
 }
 
 /// Runs a command in the guest through the VMM on `sock`, its output on
-/// ours (and ours stdin to it, with `exec.stdin`); returns how it ended.
+/// ours (and our stdin to it, with `exec.stdin`); returns how it ended.
+///
+/// The request asks to switch the connection to the exec stream (HTTP
+/// Upgrade, as `docker exec` does); what follows the answer's head is the
+/// agent's frames.
 pub fn exec(sock: &Path, exec: ExecRequest) -> Result<ExecEnd, ClientError> {
+    let name = sock.display().to_string();
     let body = serde_json::json!({
         "argv": exec.argv,
         "env": exec.env,
@@ -198,50 +205,72 @@ pub fn exec(sock: &Path, exec: ExecRequest) -> Result<ExecEnd, ClientError> {
         "rows": exec.rows,
         "cols": exec.cols,
         "stream": true,
-    });
+    })
+    .to_string();
+    let mut conn = UnixStream::connect(sock).map_err(|_| ClientError::NoVmm(name.clone()))?;
+    let head = format!(
+        "PUT /agent/exec HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+         Upgrade: {EXEC_PROTOCOL}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let io = |e| ClientError::Io(name.clone(), e);
+    conn.write_all(head.as_bytes()).map_err(io)?;
+    conn.write_all(body.as_bytes()).map_err(io)?;
+
+    // The answer's head; what came after it is the stream's start.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let (code, id, rest) = loop {
+        let n = conn.read(&mut chunk).map_err(io)?;
+        if n == 0 {
+            return Err(ClientError::Truncated);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let id = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("x-exec-id"))
+                    .map(|h| String::from_utf8_lossy(h.value).into_owned());
+                break (response.code.unwrap_or(0), id, buf[len..].to_vec());
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => {
+                return Err(ClientError::Refused(format!(
+                    "bad answer from the VMM: {e}"
+                )))
+            }
+        }
+    };
+    if code != 101 {
+        // An error answers with a JSON body of known length: read it all.
+        let mut body = rest;
+        let _ = conn.read_to_end(&mut body);
+        return Err(ClientError::Refused(error_text(&body)));
+    }
+    if let (true, Some(id)) = (exec.stdin, id) {
+        let sock = sock.to_path_buf();
+        // Ends with the process: a blocked read of stdin cannot be
+        // interrupted, and is harmless once the command is done.
+        let _ = std::thread::Builder::new()
+            .name("exec-stdin".into())
+            .spawn(move || forward_stdin(&sock, &id));
+    }
     let mut sink = ExecSink {
         buf: Vec::new(),
         status: None,
     };
-    let sock_path: PathBuf = sock.to_path_buf();
-    let forwarding = Arc::new(Mutex::new(false));
-    let forward = exec.stdin;
-    let mut on_header = |line: &str| {
-        let Some(id) = line
-            .split_once(':')
-            .filter(|(k, _)| k.eq_ignore_ascii_case("x-exec-id"))
-            .map(|(_, v)| v.trim().to_string())
-        else {
-            return;
-        };
-        let mut started = forwarding.lock().unwrap_or_else(|e| e.into_inner());
-        if forward && !*started {
-            *started = true;
-            let sock = sock_path.clone();
-            // Ends with the process: a blocked read of stdin cannot be
-            // interrupted, and is harmless once the command is done.
-            let _ = std::thread::Builder::new()
-                .name("exec-stdin".into())
-                .spawn(move || forward_stdin(&sock, &id));
+    sink.write_all(&rest).map_err(ClientError::Write)?;
+    while sink.status.is_none() {
+        let n = conn.read(&mut chunk).map_err(io)?;
+        if n == 0 {
+            break;
         }
-    };
-    let code = request(
-        sock,
-        "PUT",
-        "/agent/exec",
-        body.to_string().as_bytes(),
-        &mut sink,
-        &mut on_header,
-    )
-    .map_err(|e| match e {
-        ClientError::Write(w) => match w.downcast::<FrameError>() {
-            Ok(f) => ClientError::Stream(f),
-            Err(w) => ClientError::Write(w),
-        },
-        e => e,
-    })?;
-    if code != 200 {
-        return Err(ClientError::Refused(error_text(&sink.buf)));
+        sink.write_all(&chunk[..n]).map_err(ClientError::Write)?;
     }
     match sink.status {
         Some(Ok(end)) => Ok(end),

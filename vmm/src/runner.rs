@@ -256,18 +256,25 @@ fn checkpoint(
 ) -> (Result<serde_json::Value, ApiFailure>, bool) {
     let was_running = machine.lifecycle() == Lifecycle::Running;
     let stop = req.options.stop;
+    let t0 = Instant::now();
     // A paused guest cannot answer: only a running one is quiesced.
-    let frozen = was_running && quiesce(machine.agent(), req.options.quiesce_timeout_ms);
+    let (frozen, prepare_ms) = if was_running {
+        quiesce(machine.agent(), req.options.quiesce_timeout_ms)
+    } else {
+        (false, 0.0)
+    };
+    let quiesce_ms = ms_since(t0);
     if was_running {
         if let Err(e) = machine.pause() {
             thaw(machine.agent(), frozen);
             return (Err(failure(e)), false);
         }
     }
-    let result = snapshot(machine, req, frozen);
+    let mut result = snapshot(machine, req, frozen);
     // The VM survives a failed snapshot; after a good one it carries on
     // unless asked to stop, or stays paused if it was.
     let stop_now = stop && result.is_ok();
+    let t_thaw = Instant::now();
     if !stop_now && was_running {
         if let Err(e) = machine.resume() {
             log::error!("cannot resume the VM after a snapshot: {e}");
@@ -275,18 +282,35 @@ fn checkpoint(
         }
         thaw(machine.agent(), frozen);
     }
+    if let Ok(v) = &mut result {
+        v["prepare_ms"] = prepare_ms.into();
+        v["freeze_ms"] = (quiesce_ms - prepare_ms).into();
+        v["resume_thaw_ms"] = ms_since(t_thaw).into();
+        log::info!(
+            "checkpoint: prepare {prepare_ms:.1} ms, freeze {:.1} ms, capture {:.1} ms, write {:.1} ms, resume+thaw {:.1} ms",
+            quiesce_ms - prepare_ms,
+            v["state_capture_ms"].as_f64().unwrap_or(0.0),
+            v["total_ms"].as_f64().unwrap_or(0.0) - v["state_capture_ms"].as_f64().unwrap_or(0.0),
+            ms_since(t_thaw),
+        );
+    }
     (result.map_err(snapshot_failure), stop_now)
 }
 
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
 /// Asks the agent, if one is connected, to get the guest's programs ready
-/// and to freeze its filesystems, each within `timeout_ms`; true if frozen.
-fn quiesce(agent: &AgentChannel, timeout_ms: u64) -> bool {
+/// and to freeze its filesystems, each within `timeout_ms`. Returns
+/// whether they are frozen, and the time the programs took (ms).
+fn quiesce(agent: &AgentChannel, timeout_ms: u64) -> (bool, f64) {
     if timeout_ms == 0 {
-        return false;
+        return (false, 0.0);
     }
     if !agent.is_connected() {
         log::info!("snapshot: no guest agent connected; the disks are not quiesced");
-        return false;
+        return (false, 0.0);
     }
     let timeout = Duration::from_millis(timeout_ms);
     let t0 = Instant::now();
@@ -301,8 +325,9 @@ fn quiesce(agent: &AgentChannel, timeout_ms: u64) -> bool {
         Ok(_) => {}
         Err(e) => log::warn!("snapshot: the guest's programs were not told: {e}"),
     }
+    let prepare_ms = ms_since(t0);
     let t1 = Instant::now();
-    match agent.call(Request::Freeze, timeout) {
+    let frozen = match agent.call(Request::Freeze, timeout) {
         Ok(Reply::Frozen { filesystems }) => {
             log::info!("snapshot: froze {filesystems:?} in {:?}", t1.elapsed());
             true
@@ -319,7 +344,8 @@ fn quiesce(agent: &AgentChannel, timeout_ms: u64) -> bool {
             }
             false
         }
-    }
+    };
+    (frozen, prepare_ms)
 }
 
 fn thaw(agent: &AgentChannel, frozen: bool) {

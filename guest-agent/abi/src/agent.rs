@@ -154,6 +154,8 @@ pub enum Reply {
         hooks: u32,
         /// Time the work took in the guest.
         micros: u64,
+        /// Each step's name and time (µs), in order.
+        steps: Vec<(String, u64)>,
     },
     /// The checkpoint is durable on the host, at `path`.
     Checkpointed {
