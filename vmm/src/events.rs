@@ -94,7 +94,7 @@ pub struct SnapshotOptions {
     /// How long the guest agent may take, in ms, to get the guest's
     /// programs ready and freeze its filesystems; past it the snapshot goes
     /// on, recorded as not quiesced. 0: do not ask the agent.
-    #[arg(long, value_name = "MS", default_value_t = DEFAULT_QUIESCE_TIMEOUT_MS)]
+    #[arg(long = "quiesce-timeout", value_name = "MS", default_value_t = DEFAULT_QUIESCE_TIMEOUT_MS)]
     #[serde(default = "default_quiesce_timeout")]
     pub quiesce_timeout_ms: u64,
 }
