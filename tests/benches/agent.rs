@@ -20,7 +20,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_tests::bench::{env_usize as env, summary};
 use vmm_tests::{rootfs_copy, vmm_bin, Running, Scratch};
@@ -43,24 +43,6 @@ fn number_after(line: &str, key: &str) -> Option<f64> {
         .take_while(|c| c.is_ascii_digit() || *c == '.')
         .collect();
     num.parse().ok()
-}
-
-/// The timestamp of an env_logger line: `[2026-11-24T12:00:00.123Z ...`,
-/// as ms within the day.
-fn log_ms(line: &str) -> Option<f64> {
-    let t = line.split('T').nth(1)?;
-    let (h, rest) = t.split_once(':')?;
-    let (m, rest) = rest.split_once(':')?;
-    let s: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    Some(
-        (h.parse::<f64>().ok()? * 3600.0
-            + m.parse::<f64>().ok()? * 60.0
-            + s.parse::<f64>().ok()?)
-            * 1000.0,
-    )
 }
 
 fn agent_exec(sock: &Path, script: &str) -> String {
@@ -117,7 +99,7 @@ fn main() {
     println!("== checkpoints of a 256 MiB guest, {runs} runs each");
     let mut baseline = Vec::new();
     for i in 0..runs {
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         let o = Command::new(vmm_bin())
             .args(["snapshot", "--api-sock"])
             .arg(&sock)
@@ -176,23 +158,24 @@ fn main() {
             ],
             &s.0,
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        // The log has no timestamps: note when each line shows up.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut resumed = None;
         while !r.stderr().contains("after-restore work done") {
-            assert!(std::time::Instant::now() < deadline, "{}", r.stderr());
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(Instant::now() < deadline, "{}", r.stderr());
+            if resumed.is_none() && r.stderr().contains("vCPUs running") {
+                resumed = Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(t) = resumed {
+            total.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         let err = r.stderr();
-        let resumed = err
-            .lines()
-            .find(|l| l.contains("vCPUs running"))
-            .and_then(log_ms);
         let done_line = err
             .lines()
             .find(|l| l.contains("after-restore work done"))
             .unwrap();
-        if let (Some(a), Some(b)) = (resumed, log_ms(done_line)) {
-            total.push(b - a);
-        }
         if let Some(us) = number_after(done_line, "guest:") {
             guest.push(us / 1000.0);
         }

@@ -360,6 +360,19 @@ fn exec_works_after_a_restore_and_checkpoints_need_a_snapshot_dir() {
         (o.status.code(), text(&o.stdout)),
         (Some(0), "HELLO\n".into())
     );
+    // -t: a pseudo-terminal in the guest (it echoes what it reads, ends
+    // lines with \r\n) that gets our input.
+    let o = agent(
+        &r.sock,
+        &["exec", "-t", "--", "sh", "-c", "tty; read x; echo got $x"],
+        b"typed\n",
+    );
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", text(&o.stderr));
+    assert!(
+        out.contains("/dev/pts/") && out.contains("got typed\r\n"),
+        "{out:?}"
+    );
     let o = agent(&r.sock, &["exec", "--", "no-such-program"], b"");
     assert_eq!(o.status.code(), Some(127), "{}", text(&o.stderr));
     assert!(
