@@ -215,6 +215,11 @@ impl Running {
         }
     }
 
+    /// The `vmm` process's pid, to signal it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Types `text` on the guest's console.
     pub fn send(&mut self, text: &str) {
         if let Some(s) = self.stdin.as_mut() {

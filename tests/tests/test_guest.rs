@@ -321,3 +321,85 @@ fn the_disk_is_restored_as_a_sparse_copy() {
         "{allocated} bytes allocated: not sparse"
     );
 }
+
+/// `--checkpoint-on USR1`: each signal to `vmm` writes a checkpoint into
+/// `--snapshot-dir` (the test guest has no agent: not quiesced, and no
+/// wait for one); `PUT /vm/checkpoint` does the same with a name, and a
+/// name that would leave the directory is refused; a checkpoint restores.
+/// Without `--snapshot-dir` the option is refused.
+#[test]
+fn a_signal_or_the_api_checkpoints_into_the_snapshot_dir() {
+    if !kvm_available("a_signal_or_the_api_checkpoints_into_the_snapshot_dir") {
+        return;
+    }
+    let k = test_guest();
+    let s = vmm_tests::Scratch::new("tg-ckpt-on");
+    let snaps = s.0.join("snaps");
+    std::fs::create_dir_all(&snaps).unwrap();
+    let mut vm = vmm_tests::Running::spawn(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--cmdline",
+            "ticks",
+            "--snapshot-dir",
+            "snaps",
+            "--checkpoint-on",
+            "USR1",
+            "--api-sock",
+            "api.sock",
+        ],
+        &s.0,
+    );
+    assert!(vm.wait_for(Duration::from_secs(30), |o| !ticks(o).is_empty()));
+    let images = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&snaps)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    };
+    // SAFETY: kill takes no pointers; the pid is our child's.
+    assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGUSR1) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while images().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = images();
+    assert_eq!(first.len(), 1, "{first:?}\n{}", vm.stderr());
+    assert!(
+        first[0].starts_with("ckpt-") && first[0].ends_with(".vmm"),
+        "{first:?}"
+    );
+
+    let sock = s.0.join("api.sock");
+    let put = |body: serde_json::Value| vmm::client::json(&sock, "PUT", "/vm/checkpoint", &body);
+    let v = put(serde_json::json!({"name": "api-1"})).unwrap();
+    let dest = v["destination"].as_str().unwrap().to_string();
+    assert!(
+        dest.ends_with("/snaps/api-1.vmm") && dest.starts_with('/'),
+        "{v}"
+    );
+    let e = put(serde_json::json!({"name": "../escape"})).unwrap_err();
+    assert!(e.to_string().contains("bad checkpoint name"), "{e}");
+    assert_eq!(images().len(), 2, "{:?}", images());
+    vm.kill();
+
+    let o = vmm_tests::vmm_in(&s.0, &["inspect", &format!("snaps/{}", first[0])]);
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(report.contains("not quiesced"), "{report}");
+    let mut r = vmm_tests::Running::spawn(&["restore", "--from", &dest], &s.0);
+    assert!(r.wait_for(Duration::from_secs(30), |o| !ticks(o).is_empty()));
+    r.kill();
+
+    let o = vmm_tests::vmm_in(&s.0, &["run", "--kernel", &k, "--checkpoint-on", "USR1"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--checkpoint-on needs --snapshot-dir"),
+        "{err}"
+    );
+}

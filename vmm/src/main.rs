@@ -62,14 +62,15 @@ impl ControlArgs {
         if self.checkpoint_on.is_some() && self.snapshot_dir.is_none() {
             anyhow::bail!("--checkpoint-on needs --snapshot-dir DIR (where the images go)");
         }
-        if let Some(dir) = &self.snapshot_dir {
-            if !dir.is_dir() {
-                anyhow::bail!("--snapshot-dir {}: not a directory", dir.display());
-            }
-        }
+        // Absolute, so the paths reported to the guest and the API are.
+        let snapshot_dir = match &self.snapshot_dir {
+            Some(dir) if dir.is_dir() => Some(std::fs::canonicalize(dir)?),
+            Some(dir) => anyhow::bail!("--snapshot-dir {}: not a directory", dir.display()),
+            None => None,
+        };
         Ok(runner::RunOptions {
             api_sock: self.api_sock,
-            snapshot_dir: self.snapshot_dir,
+            snapshot_dir,
             checkpoint_on: self.checkpoint_on,
         })
     }
