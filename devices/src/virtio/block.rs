@@ -19,7 +19,9 @@ use super::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
+mod overlay;
 mod persist;
+pub use overlay::{Overlay, OverlayError, BLOCK as OVERLAY_BLOCK};
 pub use persist::BlockState;
 
 /// virtio device id of a block device.
@@ -69,8 +71,56 @@ pub enum BlockError {
     AckedNotOffered { acked: u64, offered: u64 },
 }
 
+/// What a block device reads and writes.
+pub enum Backing {
+    /// The image itself (read-write unless the device is read-only).
+    File(File),
+    /// A copy-on-write view of the image: it is only read.
+    Overlay(Overlay),
+}
+
+impl Backing {
+    fn len(&self) -> std::io::Result<u64> {
+        match self {
+            Backing::File(f) => Ok(f.metadata()?.len()),
+            Backing::Overlay(o) => Ok(o.len()),
+        }
+    }
+
+    /// The file that names the image (the base of an overlay).
+    fn image(&self) -> &File {
+        match self {
+            Backing::File(f) => f,
+            Backing::Overlay(o) => o.base(),
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        match self {
+            Backing::File(f) => f.read_exact_at(buf, off),
+            Backing::Overlay(o) => o.read_at(buf, off),
+        }
+    }
+
+    fn write_at(&mut self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        match self {
+            Backing::File(f) => f.write_all_at(buf, off),
+            Backing::Overlay(o) => o.write_at(buf, off),
+        }
+    }
+
+    /// Makes written data durable; an overlay's data dies with the VM, so
+    /// there is nothing to make durable.
+    fn sync(&self) -> std::io::Result<()> {
+        match self {
+            Backing::File(f) => f.sync_data(),
+            Backing::Overlay(_) => Ok(()),
+        }
+    }
+}
+
 pub struct Block {
-    file: File,
+    disk: Backing,
     path: PathBuf,
     disk_size: u64,
     read_only: bool,
@@ -81,25 +131,25 @@ pub struct Block {
 }
 
 impl Block {
-    /// A block device serving `file` (opened read-write unless `read_only`);
-    /// `id` (at most 20 bytes) is what VIRTIO_BLK_T_GET_ID returns. The
-    /// image's path, recorded in the saved state, is found from the file
-    /// descriptor; [`Block::with_path`] overrides it.
-    pub fn new(file: File, read_only: bool, id: String) -> Result<Self, BlockError> {
+    /// A block device serving `disk` (a file opened read-write unless
+    /// `read_only`); `id` (at most 20 bytes) is what VIRTIO_BLK_T_GET_ID
+    /// returns. The image's path, recorded in the saved state, is found from
+    /// the file descriptor; [`Block::with_path`] overrides it.
+    pub fn new(disk: Backing, read_only: bool, id: String) -> Result<Self, BlockError> {
         if id.len() > ID_BYTES {
             return Err(BlockError::IdTooLong(id));
         }
-        let disk_size = file.metadata().map_err(BlockError::Size)?.len();
+        let disk_size = disk.len().map_err(BlockError::Size)?;
         if disk_size % SECTOR_SIZE != 0 {
             return Err(BlockError::NotSectorAligned(disk_size));
         }
-        let path =
-            std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap_or_default();
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", disk.image().as_raw_fd()))
+            .unwrap_or_default();
         let mut config = [0u8; CONFIG_LEN];
         config[..8].copy_from_slice(&(disk_size / SECTOR_SIZE).to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         Ok(Block {
-            file,
+            disk,
             path,
             disk_size,
             read_only,
@@ -133,10 +183,18 @@ impl Block {
         &self.id
     }
 
+    /// The copy-on-write view, if the device has one.
+    pub fn overlay(&self) -> Option<&Overlay> {
+        match &self.disk {
+            Backing::Overlay(o) => Some(o),
+            Backing::File(_) => None,
+        }
+    }
+
     /// Serves one request chain; returns the used length (bytes written into
     /// the driver's buffers, status byte included). A chain without a
     /// writable status byte at its end gets no answer but is still returned.
-    fn handle(&self, mem: &GuestMemoryMmap, chain: &[Desc]) -> u32 {
+    fn handle(&mut self, mem: &GuestMemoryMmap, chain: &[Desc]) -> u32 {
         let Some((status, rest)) = chain.split_last() else {
             log::debug!("virtio-blk: empty descriptor chain");
             return 0;
@@ -158,7 +216,7 @@ impl Block {
 
     /// Runs the request in `chain` (header and data, no status); returns the
     /// status and how many bytes went into the driver's buffers.
-    fn execute(&self, mem: &GuestMemoryMmap, chain: &[Desc]) -> (u8, u32) {
+    fn execute(&mut self, mem: &GuestMemoryMmap, chain: &[Desc]) -> (u8, u32) {
         let Some((hdr, data)) = chain.split_first() else {
             return (VIRTIO_BLK_S_IOERR, 0);
         };
@@ -175,7 +233,7 @@ impl Block {
             T_IN => self.read_to_guest(mem, sector, data),
             T_OUT if self.read_only => (VIRTIO_BLK_S_IOERR, 0),
             T_OUT => (self.write_from_guest(mem, sector, data), 0),
-            T_FLUSH => match self.file.sync_data() {
+            T_FLUSH => match self.disk.sync() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
                     log::warn!("virtio-blk: flush of {} failed: {e}", self.path.display());
@@ -224,7 +282,7 @@ impl Block {
             while done < d.len {
                 let n = ((d.len - done) as usize).min(CHUNK);
                 let ok = d.addr.checked_add(u64::from(done)).is_some_and(|addr| {
-                    self.file.read_exact_at(&mut buf[..n], off).is_ok()
+                    self.disk.read_at(&mut buf[..n], off).is_ok()
                         && mem.write_slice(&buf[..n], addr).is_ok()
                 });
                 if !ok {
@@ -238,7 +296,7 @@ impl Block {
         (VIRTIO_BLK_S_OK, written)
     }
 
-    fn write_from_guest(&self, mem: &GuestMemoryMmap, sector: u64, data: &[Desc]) -> u8 {
+    fn write_from_guest(&mut self, mem: &GuestMemoryMmap, sector: u64, data: &[Desc]) -> u8 {
         if data.iter().any(|d| d.write) {
             return VIRTIO_BLK_S_IOERR;
         }
@@ -258,7 +316,7 @@ impl Block {
                 if !ok {
                     return VIRTIO_BLK_S_IOERR;
                 }
-                if let Err(e) = self.file.write_all_at(&buf[..n], off) {
+                if let Err(e) = self.disk.write_at(&buf[..n], off) {
                     log::warn!("virtio-blk: write to {} failed: {e}", self.path.display());
                     return VIRTIO_BLK_S_IOERR;
                 }
@@ -349,7 +407,7 @@ impl VirtioDevice for Block {
     }
 
     fn quiesce(&mut self) -> std::io::Result<()> {
-        self.file.sync_all()
+        self.disk.sync()
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -391,7 +449,7 @@ mod tests {
 
     fn rig(file: File, read_only: bool) -> Rig {
         let mem = memory();
-        let mut block = Block::new(file, read_only, "disk0".into()).unwrap();
+        let mut block = Block::new(Backing::File(file), read_only, "disk0".into()).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
         let queue = ready_queue(QUEUE_SIZE);
@@ -492,7 +550,12 @@ mod tests {
         let mut want = b"disk0".to_vec();
         want.resize(20, 0);
         assert_eq!(r.drv.bytes(BUF, 20), want);
-        assert!(Block::new(t.as_file().try_clone().unwrap(), false, "x".repeat(21)).is_err());
+        assert!(Block::new(
+            Backing::File(t.as_file().try_clone().unwrap()),
+            false,
+            "x".repeat(21)
+        )
+        .is_err());
     }
 
     #[test]
@@ -577,7 +640,12 @@ mod tests {
     #[test]
     fn config_space() {
         let t = disk();
-        let b = Block::new(t.as_file().try_clone().unwrap(), false, "d".into()).unwrap();
+        let b = Block::new(
+            Backing::File(t.as_file().try_clone().unwrap()),
+            false,
+            "d".into(),
+        )
+        .unwrap();
         let mut cap = [0u8; 8];
         b.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 128);

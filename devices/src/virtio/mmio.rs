@@ -436,7 +436,7 @@ impl MmioTransport {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::virtio::block::{Block, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
+    use crate::virtio::block::{Backing, Block, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
     use crate::virtio::test_utils::*;
     use crate::virtio::{INT_CONFIG, INT_USED_RING};
     use vm_memory::{Bytes, GuestAddress};
@@ -463,7 +463,12 @@ pub(crate) mod tests {
     /// A block device's transport in reset state; the irqfd's other end.
     pub fn transport(t: &TempFile) -> (MmioTransport, EventFd, GuestMemoryMmap) {
         let mem = memory();
-        let block = Block::new(t.as_file().try_clone().unwrap(), false, "d".into()).unwrap();
+        let block = Block::new(
+            Backing::File(t.as_file().try_clone().unwrap()),
+            false,
+            "d".into(),
+        )
+        .unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let tr = MmioTransport::new(mem.clone(), Box::new(block), irq.try_clone().unwrap());
         (tr, irq, mem)

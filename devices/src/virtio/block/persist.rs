@@ -1,12 +1,11 @@
 //! Saved state of a virtio-blk device. The disk's contents are not part of
 //! it: the caller saves (or fingerprints) the image file separately.
 
-use std::fs::File;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Block, BlockError};
+use super::{Backing, Block, BlockError};
 use crate::virtio::VirtioDevice;
 use crate::Persist;
 
@@ -27,9 +26,10 @@ pub struct BlockState {
 
 impl Persist for Block {
     type State = BlockState;
-    /// The disk image, opened read-write unless the state is read-only. It
-    /// must have the saved size; its contents are the caller's business.
-    type ConstructorArgs = File;
+    /// The disk: the image, opened read-write unless the state is
+    /// read-only, or a copy-on-write view of it. It must have the saved
+    /// size; its contents are the caller's business.
+    type ConstructorArgs = Backing;
     type Error = BlockError;
 
     fn save(&self) -> BlockState {
@@ -45,8 +45,8 @@ impl Persist for Block {
 
     /// Builds an inactive device; the transport activates it if the saved
     /// transport was active.
-    fn restore(file: File, s: &BlockState) -> Result<Self, BlockError> {
-        let mut b = Block::new(file, s.read_only, s.id.clone())?.with_path(s.path.clone());
+    fn restore(disk: Backing, s: &BlockState) -> Result<Self, BlockError> {
+        let mut b = Block::new(disk, s.read_only, s.id.clone())?.with_path(s.path.clone());
         if b.disk_size != s.disk_size {
             return Err(BlockError::SizeChanged {
                 saved: s.disk_size,

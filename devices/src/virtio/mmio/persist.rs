@@ -240,7 +240,7 @@ impl Persist for MmioTransport {
 mod tests {
     use super::super::tests::{bring_up, disk, negotiate, r, read_sector, transport, w};
     use super::*;
-    use crate::virtio::block::{Block, BlockError, BlockState};
+    use crate::virtio::block::{Backing, Block, BlockError, BlockState};
     use crate::virtio::mmio::reg;
     use crate::virtio::persist::{self, VirtioDeviceState, VirtioRestoreError};
     use crate::virtio::test_utils::*;
@@ -261,7 +261,12 @@ mod tests {
     ) -> (Result<MmioTransport, VirtioRestoreError>, EventFd) {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let file = d.as_file().try_clone().unwrap();
-        let t = persist::restore::<Block>(mem.clone(), irq.try_clone().unwrap(), file, s);
+        let t = persist::restore::<Block>(
+            mem.clone(),
+            irq.try_clone().unwrap(),
+            Backing::File(file),
+            s,
+        );
         (t, irq)
     }
 
