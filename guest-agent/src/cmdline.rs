@@ -7,6 +7,9 @@
 //! Recognised words (the last occurrence of each wins, so the VMM's own
 //! appended words override anything a user put in `--cmdline`):
 //! - `vmm.cmd=B64`: the container command. Absent: an interactive shell.
+//! - `vmm.start=agent`: no command with the boot; it comes over the
+//!   control channel once the VMM has what it needs (a warm image).
+//! - `vmm.root=ephemeral`: the root disk is thrown away with the VM.
 //! - `vmm.net=MAC,ADDR/PREFIX[,GW]`: an interface to configure (one word
 //!   per interface; all of them count).
 //! - `vmm.unshare=uts,ipc,mnt`: namespaces the command gets of its own
@@ -16,7 +19,7 @@
 use std::fmt;
 
 pub use guest_abi::cmdline::{decode_command, CommandError};
-use guest_abi::cmdline::{CMD_PREFIX, UNSHARE_PREFIX};
+use guest_abi::cmdline::{CMD_PREFIX, EPHEMERAL_ROOT, START_BY_AGENT, UNSHARE_PREFIX};
 use guest_abi::net::{NetSpec, NetSpecError, NET_PREFIX};
 
 /// Namespaces the container command is put in, beyond the guest's own.
@@ -33,6 +36,10 @@ pub struct BootArgs {
     /// The command's argv; `None` means run an interactive shell.
     pub command: Option<Vec<Vec<u8>>>,
     pub unshare: Namespaces,
+    /// Wait for the command over the control channel.
+    pub start_by_agent: bool,
+    /// The root disk ends with the VM.
+    pub ephemeral_root: bool,
     /// Interfaces to configure.
     pub nets: Vec<NetSpec>,
 }
@@ -72,8 +79,18 @@ where
     let mut cmd: Option<Vec<u8>> = None;
     let mut unshare: Option<Vec<u8>> = None;
     let mut nets = Vec::new();
+    let mut start_by_agent = false;
+    let mut ephemeral_root = false;
     for arg in args {
         let arg = arg.as_ref();
+        if arg == START_BY_AGENT.as_bytes() {
+            start_by_agent = true;
+            continue;
+        }
+        if arg == EPHEMERAL_ROOT.as_bytes() {
+            ephemeral_root = true;
+            continue;
+        }
         if let Some(v) = arg.strip_prefix(NET_PREFIX.as_bytes()) {
             let v = String::from_utf8_lossy(v);
             nets.push(NetSpec::decode(&v).map_err(CmdlineError::Net)?);
@@ -96,6 +113,8 @@ where
     Ok(BootArgs {
         command,
         unshare,
+        start_by_agent,
+        ephemeral_root,
         nets,
     })
 }
@@ -139,6 +158,15 @@ mod tests {
         let got = parse(args(&["ignored", "vmm.cmd=dW5hbWUALXI"])).unwrap();
         assert_eq!(got.command, Some(args(&["uname", "-r"])));
         assert_eq!(got.unshare, Namespaces::default());
+    }
+
+    #[test]
+    fn start_by_agent_is_one_exact_word() {
+        assert!(parse(args(&["vmm.start=agent"])).unwrap().start_by_agent);
+        assert!(!parse(args(&["vmm.start=agents"])).unwrap().start_by_agent);
+        assert!(!parse(args(&["vmm.cmd=dHJ1ZQ"])).unwrap().start_by_agent);
+        let both = parse(args(&["vmm.root=ephemeral", "vmm.start=agent"])).unwrap();
+        assert!(both.ephemeral_root && both.start_by_agent);
     }
 
     #[test]

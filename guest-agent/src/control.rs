@@ -59,6 +59,20 @@ pub struct Agent {
     pub notify: notify::Registry,
     /// Freeze and thaw take turns; the mount points frozen now.
     pub frozen: Mutex<Vec<String>>,
+    /// The main command, when it comes over the channel.
+    start: Mutex<StartSlot>,
+    started: Condvar,
+}
+
+/// Where the main command stands when it comes over the channel
+/// (`vmm.start=agent`).
+enum StartSlot {
+    /// The boot named it (or there is none to wait for): `Start` is refused.
+    NotWaiting,
+    /// Init waits for it.
+    Waiting,
+    /// Arrived, not yet taken by init (`None`: an interactive shell).
+    Given(Option<Vec<Vec<u8>>>),
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -66,8 +80,9 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Agent {
-    /// Starts the channel's thread.
-    pub fn start() -> Arc<Agent> {
+    /// Starts the channel's thread. `wait_for_start`: the main command
+    /// comes over the channel ([`Agent::wait_for_start`]).
+    pub fn start(wait_for_start: bool) -> Arc<Agent> {
         let agent = Arc::new(Agent {
             writer: Mutex::new(None),
             connected: Condvar::new(),
@@ -78,6 +93,12 @@ impl Agent {
             execs: Mutex::new(HashMap::new()),
             notify: notify::Registry::default(),
             frozen: Mutex::new(Vec::new()),
+            start: Mutex::new(if wait_for_start {
+                StartSlot::Waiting
+            } else {
+                StartSlot::NotWaiting
+            }),
+            started: Condvar::new(),
         });
         let a = agent.clone();
         if let Err(e) = std::thread::Builder::new()
@@ -87,6 +108,41 @@ impl Agent {
             say(format!("cannot start the control channel: {e}"));
         }
         agent
+    }
+
+    /// Blocks until the VMM sends the main command (`Request::Start`);
+    /// `None` means an interactive shell.
+    pub fn wait_for_start(&self) -> Option<Vec<Vec<u8>>> {
+        let mut slot = lock(&self.start);
+        loop {
+            if let StartSlot::Given(_) = &*slot {
+                let StartSlot::Given(argv) = std::mem::replace(&mut *slot, StartSlot::NotWaiting)
+                else {
+                    unreachable!("matched just above")
+                };
+                return argv;
+            }
+            slot = self
+                .started
+                .wait(slot)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Hands the main command to init, once.
+    fn give_start(&self, argv: Option<Vec<Vec<u8>>>) -> Result<Reply, Failure> {
+        let mut slot = lock(&self.start);
+        match &*slot {
+            StartSlot::Waiting => {
+                *slot = StartSlot::Given(argv);
+                self.started.notify_all();
+                Ok(Reply::Started)
+            }
+            _ => Err(Failure {
+                errno: libc::EBUSY,
+                message: "the main command is already running (or came with the boot)".into(),
+            }),
+        }
     }
 
     /// Sends a frame to the VMM, if connected.
@@ -304,6 +360,10 @@ impl Agent {
                     let reply = restore::after_restore(&a, &ar, received);
                     a.respond(id, Ok(reply));
                 })
+            }
+            Request::Start { argv } => {
+                let reply = self.give_start(argv);
+                return self.respond(id, reply);
             }
             Request::Checkpoint { .. } => {
                 return self.respond(

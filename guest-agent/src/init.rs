@@ -10,6 +10,7 @@ use std::ffi::{CStr, CString};
 use std::fmt::Display;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStringExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::children;
 use crate::cmdline::{self, Namespaces};
@@ -58,14 +59,18 @@ fn run() -> u8 {
     setup();
     crate::clock::set_from_rtc();
     crate::net::configure(&args.nets);
-    let agent = crate::control::Agent::start();
+    let agent = crate::control::Agent::start(args.start_by_agent);
     crate::local::start(&agent);
     crate::restore::write_generation(0);
 
+    EPHEMERAL_ROOT.store(args.ephemeral_root, Ordering::Release);
     let argv = match args.command {
-        Some(argv) => argv,
-        None => interactive_shell(),
+        Some(argv) => Some(argv),
+        // A warm image is taken here: whatever comes next is the run's.
+        None if args.start_by_agent => agent.wait_for_start(),
+        None => None,
     };
+    let argv = argv.unwrap_or_else(interactive_shell);
     let env = command::environment(std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec())));
     let candidates = command::candidates(&argv[0], command::path_of(&env));
     let program = String::from_utf8_lossy(&argv[0]).into_owned();
@@ -98,6 +103,9 @@ fn run() -> u8 {
         }
     }
 }
+
+/// The root disk ends with the VM: no need to leave it clean.
+static EPHEMERAL_ROOT: AtomicBool = AtomicBool::new(false);
 
 /// Mounts the API filesystems and names the host. Failures are reported and
 /// skipped: the command may well run without them.
@@ -224,8 +232,9 @@ pub fn shutdown(status: u8) -> ! {
     let _ = sys::kill_all_others();
     while let Ok(Some(_)) = sys::wait_any() {}
     // A read-only remount syncs the filesystem and checkpoints the ext4
-    // journal, so the image is consistent for the host once the VM is gone.
-    if sys::remount_read_only(c"/").is_err() {
+    // journal, so the image is consistent for the host once the VM is gone;
+    // an ephemeral root is gone with it.
+    if !EPHEMERAL_ROOT.load(Ordering::Acquire) && sys::remount_read_only(c"/").is_err() {
         sys::sync();
     }
     // Let the serial line send the command's last output first: the VMM

@@ -97,6 +97,11 @@ pub enum Request {
     /// Agent to VMM: a program in the guest asks for a checkpoint. `name`
     /// is only a name; the VMM decides the directory.
     Checkpoint { name: Option<String> },
+    /// VMM to agent, to a guest booted with `vmm.start=agent`: run the
+    /// container's main process (`argv`; `None`: an interactive shell) as a
+    /// boot with `vmm.cmd=` would. Answered [`Reply::Started`] once it is
+    /// handed over; the command's end ends the VM as usual.
+    Start { argv: Option<Vec<Vec<u8>>> },
 }
 
 /// A command to run in the guest.
@@ -161,6 +166,8 @@ pub enum Reply {
     Checkpointed {
         path: String,
     },
+    /// The main command is handed to the agent's init.
+    Started,
 }
 
 /// A refused or failed request: an errno for the caller, and why.
@@ -169,6 +176,21 @@ pub struct Failure {
     pub errno: i32,
     pub message: String,
 }
+
+impl Failure {
+    /// The exit status of a command that failed to start with this, as a
+    /// shell (and docker) reports it: 127 not found, 126 cannot run.
+    pub fn start_status(&self) -> i32 {
+        if self.errno == ENOENT {
+            127
+        } else {
+            126
+        }
+    }
+}
+
+/// Linux's ENOENT, the same on every architecture.
+const ENOENT: i32 = 2;
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -346,6 +368,16 @@ pub mod local {
 mod tests {
     use super::local::*;
     use super::*;
+
+    #[test]
+    fn a_failed_start_exits_as_a_shell_says() {
+        let f = |errno| Failure {
+            errno,
+            message: String::new(),
+        };
+        assert_eq!(f(2).start_status(), 127, "ENOENT: not found");
+        assert_eq!(f(13).start_status(), 126, "EACCES: cannot run");
+    }
 
     #[test]
     fn frames_round_trip_through_a_stream() {

@@ -28,6 +28,13 @@ pub mod cmdline {
     pub const CMD_PREFIX: &str = "vmm.cmd=";
     /// Argument prefix listing namespaces to unshare for the command.
     pub const UNSHARE_PREFIX: &str = "vmm.unshare=";
+    /// Instead of `vmm.cmd=`: the agent gets ready and waits for the
+    /// command to come over the control channel (`Request::Start`), so one
+    /// snapshot taken while it waits serves any command (warm start).
+    pub const START_BY_AGENT: &str = "vmm.start=agent";
+    /// The root disk is a copy-on-write view that ends with the VM: the
+    /// agent need not make it clean at the end.
+    pub const EPHEMERAL_ROOT: &str = "vmm.root=ephemeral";
 
     const ENGINE: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
