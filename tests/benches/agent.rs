@@ -46,12 +46,7 @@ fn number_after(line: &str, key: &str) -> Option<f64> {
 }
 
 fn agent_exec(sock: &Path, script: &str) -> String {
-    let o = Command::new(vmm_bin())
-        .args(["agent", "--api-sock"])
-        .arg(sock)
-        .args(["exec", "--", "sh", "-c", script])
-        .output()
-        .unwrap();
+    let o = vmm_tests::vmm_agent(sock, &["exec", "--", "sh", "-c", script], b"");
     assert!(
         o.status.success(),
         "{}{}",

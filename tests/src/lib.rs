@@ -182,6 +182,16 @@ impl Running {
         Self::spawn_command(cmd, dir)
     }
 
+    /// Starts `vmm args` in `dir` with `env` added to its environment.
+    pub fn spawn_env(args: &[&str], dir: &Path, env: &[(&str, &Path)]) -> Running {
+        let mut cmd = Command::new(vmm_bin());
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn_command(cmd, dir)
+    }
+
     /// Starts `vmm args` inside the network namespace `ns`.
     pub fn spawn_in(ns: &netns::NetNs, args: &[&str], dir: &Path) -> Running {
         let mut cmd = Command::new("ip");
@@ -308,4 +318,22 @@ pub fn vmm_in(dir: &Path, args: &[&str]) -> std::process::Output {
         .current_dir(dir)
         .output()
         .expect("cannot run vmm")
+}
+
+/// `vmm agent --api-sock SOCK ARGS...`, fed `stdin`, to completion.
+pub fn vmm_agent(sock: &Path, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    let mut child = Command::new(vmm_bin())
+        .arg("agent")
+        .arg("--api-sock")
+        .arg(sock)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vmm agent");
+    let mut input = child.stdin.take().expect("piped");
+    input.write_all(stdin).expect("write the command's stdin");
+    drop(input);
+    child.wait_with_output().expect("wait for vmm agent")
 }

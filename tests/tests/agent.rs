@@ -11,11 +11,11 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
-use vmm_tests::{kvm_available, rootfs_copy, vmm_bin, vmm_in, Running, Scratch};
+use vmm_tests::{kvm_available, rootfs_copy, vmm_in, Running, Scratch};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -52,21 +52,7 @@ static BOOTED: OnceLock<Booted> = OnceLock::new();
 
 /// `vmm agent --api-sock SOCK ARGS...`, with `stdin`.
 fn agent(sock: &Path, args: &[&str], stdin: &[u8]) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(vmm_bin())
-        .arg("agent")
-        .arg("--api-sock")
-        .arg(sock)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run vmm agent");
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin).unwrap();
-    drop(input);
-    child.wait_with_output().unwrap()
+    vmm_tests::vmm_agent(sock, args, stdin)
 }
 
 fn text(b: &[u8]) -> String {

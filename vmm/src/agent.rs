@@ -79,6 +79,8 @@ struct Shared {
     after_restore: Mutex<Option<String>>,
     /// The agent's restore generation, as it last said.
     generation: AtomicU64,
+    /// [`VmEvent::AgentReady`] went out.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 struct Conn {
@@ -104,6 +106,7 @@ impl AgentChannel {
             events,
             after_restore: Mutex::new(restored_from),
             generation: AtomicU64::new(0),
+            ready: std::sync::atomic::AtomicBool::new(false),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -146,19 +149,6 @@ impl AgentChannel {
                 }
             }
         }
-    }
-
-    /// Sends `request` only if an agent is connected now; waits `timeout`
-    /// for the answer.
-    pub fn call_if_connected(
-        &self,
-        request: Request,
-        timeout: Duration,
-    ) -> Result<Reply, AgentError> {
-        if !self.is_connected() {
-            return Err(AgentError::NotConnected(Duration::ZERO));
-        }
-        self.call(request, timeout)
     }
 
     /// Starts a command in the guest; its output and end arrive on the
@@ -308,10 +298,16 @@ impl Shared {
             let s = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("after-restore".into())
-                .spawn(move || s.after_restore(image));
+                .spawn(move || {
+                    s.clone().after_restore(image);
+                    s.announce_ready();
+                });
             if let Err(e) = spawned {
                 log::error!("cannot start the after-restore thread: {e}");
+                self.announce_ready();
             }
+        } else {
+            self.announce_ready();
         }
         let s = self.clone();
         let spawned = std::thread::Builder::new()
@@ -319,6 +315,14 @@ impl Shared {
             .spawn(move || s.read(stream, serial));
         if let Err(e) = spawned {
             log::error!("cannot start the agent reader thread: {e}");
+        }
+    }
+
+    /// Tells the main thread, once, that the agent can take requests (a
+    /// restored guest's only after its clock and entropy are new).
+    fn announce_ready(&self) {
+        if !self.ready.swap(true, Ordering::AcqRel) {
+            let _ = self.events.send(VmEvent::AgentReady);
         }
     }
 
@@ -561,6 +565,11 @@ mod tests {
         let (events, events_rx) = mpsc::channel();
         let _ch = AgentChannel::start(rx, events, None).unwrap();
         let (mut agent, _) = connect(&tx, 0);
+        // A fresh VM's agent is ready as soon as it is connected, once.
+        assert!(matches!(
+            events_rx.recv_timeout(Duration::from_secs(5)),
+            Ok(VmEvent::AgentReady)
+        ));
         write_frame(
             &mut agent,
             &Frame::Request {

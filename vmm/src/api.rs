@@ -30,7 +30,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use guest_abi::agent::{write_frame, ExecRequest, Failure, Frame, Reply, Request};
@@ -313,15 +313,6 @@ fn agent_call(agent: &AgentChannel, request: Request) -> Routed {
     }
 }
 
-/// The exit status a failed start maps to, as a shell reports it.
-fn failed_start_status(f: &Failure) -> i32 {
-    if f.errno == libc::ENOENT {
-        127
-    } else {
-        126
-    }
-}
-
 /// `PUT /agent/exec`: runs a command, answering once it ends or streaming.
 fn exec(ctx: &Context, body: &[u8], upgrade: bool) -> Routed {
     let b: ExecBody = match serde_json::from_slice(body) {
@@ -361,7 +352,7 @@ fn exec(ctx: &Context, body: &[u8], upgrade: bool) -> Routed {
                 }
                 Ok(Incoming::Done(Err(f))) => {
                     stderr.extend(format!("{f}\n").into_bytes());
-                    break failed_start_status(&f);
+                    break f.start_status();
                 }
                 Ok(Incoming::Reset) | Err(_) => {
                     return agent_error(AgentError::Reset);
@@ -380,7 +371,7 @@ fn exec(ctx: &Context, body: &[u8], upgrade: bool) -> Routed {
     let id = handle.id();
     ctx.execs
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(PoisonError::into_inner)
         .insert(id, handle.clone());
     let execs = ctx.execs.clone();
     let session = move |mut conn: Box<dyn tiny_http::ReadWrite + Send>| {
@@ -412,7 +403,7 @@ fn exec(ctx: &Context, body: &[u8], upgrade: bool) -> Routed {
         }
         execs
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
     };
     Routed::Upgrade(vec![format!("X-Exec-Id: {id}")], Box::new(session))
@@ -426,7 +417,7 @@ fn exec_control(ctx: &Context, rest: &str, body: &[u8]) -> Routed {
     let handle = id.parse::<u64>().ok().and_then(|id| {
         ctx.execs
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
             .cloned()
     });
@@ -638,7 +629,7 @@ mod tests {
             ] {
                 match rx.recv().unwrap() {
                     VmEvent::Request { reply, .. } => reply.send(Err(answer)).unwrap(),
-                    VmEvent::Stop(_) => panic!("unexpected stop"),
+                    VmEvent::Stop(_) | VmEvent::AgentReady => panic!("unexpected event"),
                 }
             }
         });

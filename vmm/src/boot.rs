@@ -171,6 +171,13 @@ pub struct VmConfig {
     /// Network devices, in the order the guest sees them (eth0 first).
     pub nets: Vec<NetConfig>,
     pub vsock: Option<VsockConfig>,
+    /// The guest writes into a copy-on-write overlay of the rootfs that
+    /// ends with the VM; the rootfs itself is only read.
+    pub ephemeral: bool,
+    /// The command is not on the kernel command line: the agent waits for
+    /// it over its channel (`vmm.start=agent`), so a snapshot taken while
+    /// it waits (a warm image) serves any command.
+    pub start_by_agent: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,7 +248,7 @@ pub fn build_cmdline(
                 parts.push("nopv highres=off nohz=on".into());
             }
             parts.extend(cpuid::linux_clearcpuid(template));
-            if !cfg.command.is_empty() {
+            if !cfg.command.is_empty() || cfg.start_by_agent {
                 // Only the command's output on the console: no kernel
                 // messages below KERN_CRIT (a panic still shows).
                 parts.push("loglevel=2".into());
@@ -253,7 +260,12 @@ pub fn build_cmdline(
     }
     parts.extend(devices.iter().cloned());
     let mut agent: Vec<String> = nets.iter().map(NetSpec::encode).collect();
-    if !cfg.command.is_empty() {
+    if cfg.ephemeral {
+        agent.push(guest_abi::cmdline::EPHEMERAL_ROOT.into());
+    }
+    if cfg.start_by_agent {
+        agent.push(guest_abi::cmdline::START_BY_AGENT.into());
+    } else if !cfg.command.is_empty() {
         agent.push(guest_abi::cmdline::encode_command(&cfg.command));
     }
     if !agent.is_empty() {
@@ -285,6 +297,8 @@ mod tests {
             command: vec![],
             nets: vec![],
             vsock: None,
+            ephemeral: false,
+            start_by_agent: false,
         }
     }
 
@@ -323,6 +337,25 @@ mod tests {
         let enc = s.rsplit("vmm.cmd=").next().unwrap();
         let argv = guest_abi::cmdline::decode_command(enc.as_bytes()).unwrap();
         assert_eq!(argv, [b"sh".to_vec(), b"-c".to_vec(), b"exit 7".to_vec()]);
+    }
+
+    #[test]
+    fn a_command_started_by_the_agent_leaves_the_cmdline_alone() {
+        let mut c = cfg();
+        c.start_by_agent = true;
+        let line = |c: &VmConfig| build_cmdline(c, CpuTemplate::Interpreted, None, &[], &[]);
+        let shell = line(&c).unwrap();
+        c.command = vec!["uname".into(), "-a".into()];
+        let with_command = line(&c).unwrap();
+        assert_eq!(shell, with_command, "one warm image serves every command");
+        assert!(
+            with_command.ends_with(" -- vmm.start=agent") && with_command.contains("loglevel=2")
+        );
+        c.ephemeral = true;
+        assert!(line(&c)
+            .unwrap()
+            .ends_with(" -- vmm.root=ephemeral vmm.start=agent"));
+        assert!(!with_command.contains("vmm.cmd="));
     }
 
     #[test]

@@ -172,7 +172,7 @@ impl Write for ExecSink {
                     self.status = Some(Err(format!("the agent answered {r:?}")))
                 }
                 Frame::Response { body: Err(f), .. } => {
-                    let status = if f.errno == libc::ENOENT { 127 } else { 126 };
+                    let status = f.start_status();
                     self.status = Some(Ok(ExecEnd {
                         status,
                         message: Some(f.message),

@@ -36,6 +36,9 @@ pub enum VmEvent {
         request: ApiRequest,
         reply: Sender<Result<serde_json::Value, ApiFailure>>,
     },
+    /// The guest agent is connected and, in a restored VM, has done its
+    /// after-restore work: once per VM.
+    AgentReady,
 }
 
 /// Why the main thread did not do what an API request asked.

@@ -8,23 +8,26 @@ pub enum GuestError {
     Missing { what: &'static str, path: String },
 }
 
-/// The directory build-guest.sh writes to; the same rules as the script.
-pub fn default_guest_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(d) = env("VMM_GUEST_DIR") {
-        return d;
-    }
-    let cache = env("VMM_CACHE_DIR").unwrap_or_else(|| {
+fn env(k: &str) -> Option<PathBuf> {
+    std::env::var_os(k)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The project's cache: `$VMM_CACHE_DIR`, else `$XDG_CACHE_HOME/vmm`,
+/// else `~/.cache/vmm`.
+pub fn cache_dir() -> PathBuf {
+    env("VMM_CACHE_DIR").unwrap_or_else(|| {
         env("XDG_CACHE_HOME")
             .or_else(|| env("HOME").map(|h| h.join(".cache")))
             .unwrap_or_else(|| PathBuf::from("/var/cache"))
             .join("vmm")
-    });
-    cache.join("guest")
+    })
+}
+
+/// The directory build-guest.sh writes to; the same rules as the script.
+pub fn default_guest_dir() -> PathBuf {
+    env("VMM_GUEST_DIR").unwrap_or_else(|| cache_dir().join("guest"))
 }
 
 /// The default guest's kernel.

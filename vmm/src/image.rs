@@ -8,6 +8,7 @@
 //! | vcpu   | `0`, `1`, ...        | one vCPU's KVM state                    |
 //! | device | `serial/0`, ...      | one device's state ([`SavedDevice`])    |
 //! | device | `disk-ref/<device>`  | `--no-disk`: where the disk is, its crc |
+//! | device | `disk-overlay/<device>` | a warm image's copy-on-write disk: its base and written blocks |
 //! | memory |                      | guest RAM, in chunks                    |
 //! | disk   | `<device>`           | the disk of that virtio-blk device      |
 //!
@@ -28,12 +29,13 @@ use snapshot::{
 
 use crate::atomic_file::{AtomicFile, AtomicFileError};
 use crate::device_manager::persist::SavedDevice;
-use crate::device_manager::DiskFile;
+use crate::device_manager::{scratch_file, DiskFile, DiskView};
 use crate::events::{SnapshotOptions, SnapshotTarget};
 use crate::host::host_cpu;
 use crate::kvm::persist::{VcpuState, VmState};
 use crate::memory::{GuestRam, RamSink};
 use crate::state::{MachineConfig, MachineState};
+use devices::virtio::block::{Backing, Overlay};
 
 /// Section names, written and read only through these.
 pub mod sections {
@@ -43,6 +45,9 @@ pub mod sections {
     pub const KVM: &str = "kvm";
     /// device: a disk left out of the image, by device id.
     pub const DISK_REF_PREFIX: &str = "disk-ref/";
+    /// device: the base and written blocks of a copy-on-write disk, by
+    /// device id; the disk section of that device holds the written blocks.
+    pub const DISK_OVERLAY_PREFIX: &str = "disk-overlay/";
 
     /// vcpu: the section of vCPU `id`.
     pub fn vcpu(id: u8) -> String {
@@ -82,6 +87,74 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--no-disk: the disk over {0} is ephemeral (copy-on-write), its changes live only in this VM; take the snapshot with the disk")]
+    EphemeralNoDisk(String),
+    #[error("the image's copy-on-write disk {device} does not fit its base {base}")]
+    BadOverlay {
+        device: String,
+        base: String,
+        #[source]
+        source: devices::virtio::block::OverlayError,
+    },
+}
+
+/// How a copy-on-write (`--ephemeral`) disk goes into an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverlayMode {
+    /// As the guest sees it, whole: the image stands on its own.
+    Merged,
+    /// The written blocks and the identity of the base, which must still be
+    /// the same file at restore: a warm image in this host's cache.
+    Reference,
+}
+
+/// A file and what tells a changed one apart: any write changes its
+/// ctime, which no one can set back.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub path: PathBuf,
+    pub size: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl FileIdentity {
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let path = std::fs::canonicalize(path)?;
+        let m = std::fs::metadata(&path)?;
+        Ok(FileIdentity {
+            size: m.len(),
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            path,
+        })
+    }
+}
+
+/// A copy-on-write disk in an image ([`OverlayMode::Reference`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OverlayRef {
+    pub base: FileIdentity,
+    /// Runs of written blocks (first, count) of 4 KiB
+    /// (`devices::virtio::block::OVERLAY_BLOCK`).
+    pub written: Vec<(u64, u64)>,
+}
+
+/// What an overlay's guest sees, for the writer's threads.
+struct MergedSource<'a>(&'a Overlay);
+
+impl snapshot::PageSource for MergedSource<'_> {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
 }
 
 /// A disk left out of the image (`--no-disk`): where it was and how to
@@ -131,17 +204,20 @@ fn disk_crc(file: &File, path: &Path) -> Result<(u64, u32), ImageError> {
 pub fn write(
     state: &MachineState,
     ram: &GuestRam,
-    disks: &[(String, PathBuf)],
+    disks: &[(String, DiskView)],
     options: &SnapshotOptions,
+    overlays: OverlayMode,
     quiesced: bool,
     target: SnapshotTarget,
 ) -> Result<Written, ImageError> {
     let (vendor, signature) = host_cpu();
-    let mut flags = if options.no_disk || disks.is_empty() {
-        0
-    } else {
-        flags::HAS_DISK
-    };
+    // Whether a disk is held whole: a referenced overlay is not.
+    let whole_disk = !options.no_disk
+        && disks.iter().any(|(_, v)| match v {
+            DiskView::File(_) => true,
+            DiskView::Overlay { .. } => overlays == OverlayMode::Merged,
+        });
+    let mut flags = if whole_disk { flags::HAS_DISK } else { 0 };
     if quiesced {
         flags |= flags::QUIESCED;
     }
@@ -160,26 +236,52 @@ pub fn write(
         for d in &state.devices {
             w.write_state(Kind::DEVICE, &d.id, &d.state)?;
         }
-        let mut files = Vec::with_capacity(disks.len());
-        for (id, path) in disks {
-            let file = File::open(path).map_err(disk_err(path))?;
-            if options.no_disk {
-                let (size, crc32c) = disk_crc(&file, path)?;
-                let r = DiskRef {
-                    path: std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
-                    size,
-                    crc32c,
-                };
-                let name = format!("{}{id}", sections::DISK_REF_PREFIX);
-                w.write_state(Kind::DEVICE, &name, &r)?;
-            } else {
-                files.push((id, path, file));
+        let mut files: Vec<(&str, &Path, File)> = Vec::with_capacity(disks.len());
+        let mut views: Vec<(&str, Box<dyn snapshot::PageSource + '_>)> = Vec::new();
+        for (id, view) in disks {
+            match view {
+                DiskView::File(path) if options.no_disk => {
+                    let file = File::open(path).map_err(disk_err(path))?;
+                    let (size, crc32c) = disk_crc(&file, path)?;
+                    let r = DiskRef {
+                        path: std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
+                        size,
+                        crc32c,
+                    };
+                    let name = format!("{}{id}", sections::DISK_REF_PREFIX);
+                    w.write_state(Kind::DEVICE, &name, &r)?;
+                }
+                DiskView::File(path) => {
+                    files.push((id, path, File::open(path).map_err(disk_err(path))?));
+                }
+                DiskView::Overlay { base, overlay } => match overlays {
+                    OverlayMode::Reference => {
+                        let r = OverlayRef {
+                            base: FileIdentity::of(base).map_err(disk_err(base))?,
+                            written: overlay.written_extents(),
+                        };
+                        let name = format!("{}{id}", sections::DISK_OVERLAY_PREFIX);
+                        w.write_state(Kind::DEVICE, &name, &r)?;
+                        let upper = FileSource {
+                            file: overlay.upper(),
+                            len: overlay.len(),
+                        };
+                        views.push((id, Box::new(upper)));
+                    }
+                    OverlayMode::Merged if options.no_disk => {
+                        return Err(ImageError::EphemeralNoDisk(base.display().to_string()))
+                    }
+                    OverlayMode::Merged => views.push((id, Box::new(MergedSource(overlay)))),
+                },
             }
         }
         w.write_memory(&ram.slices(), None, opts)?;
         for (id, path, file) in files {
             let len = file.metadata().map_err(disk_err(path))?.len();
             w.write_disk(id, &FileSource { file: &file, len }, opts)?;
+        }
+        for (id, source) in views {
+            w.write_disk(id, source.as_ref(), opts)?;
         }
         Ok(w.finish()?.1)
     };
@@ -213,6 +315,7 @@ pub struct ImageIn {
     reader: ImageReader<BufReader<Box<dyn Read>>>,
     state: MachineState,
     disk_refs: Vec<(String, DiskRef)>,
+    overlay_refs: HashMap<String, OverlayRef>,
     /// The first section after the states.
     next: Section,
 }
@@ -226,6 +329,7 @@ impl ImageIn {
         let mut vcpus: Vec<VcpuState> = Vec::new();
         let mut devices: Vec<SavedDevice> = Vec::new();
         let mut disk_refs: Vec<(String, DiskRef)> = Vec::new();
+        let mut overlay_refs: HashMap<String, OverlayRef> = HashMap::new();
         let next = loop {
             match reader.next_section()? {
                 Section::State {
@@ -242,14 +346,15 @@ impl ImageIn {
                     Kind::VCPU => vcpus.push(decode_state(&format!("vcpu '{name}'"), &payload)?),
                     Kind::DEVICE => {
                         let what = format!("device '{name}'");
-                        match name.strip_prefix(sections::DISK_REF_PREFIX) {
-                            Some(id) => {
-                                disk_refs.push((id.to_string(), decode_state(&what, &payload)?))
-                            }
-                            None => devices.push(SavedDevice {
+                        if let Some(id) = name.strip_prefix(sections::DISK_REF_PREFIX) {
+                            disk_refs.push((id.to_string(), decode_state(&what, &payload)?));
+                        } else if let Some(id) = name.strip_prefix(sections::DISK_OVERLAY_PREFIX) {
+                            overlay_refs.insert(id.to_string(), decode_state(&what, &payload)?);
+                        } else {
+                            devices.push(SavedDevice {
                                 state: decode_state(&what, &payload)?,
                                 id: name,
-                            }),
+                            });
                         }
                     }
                     _ => log::warn!("restore: ignoring state section {name}"),
@@ -280,6 +385,7 @@ impl ImageIn {
                 devices,
             },
             disk_refs,
+            overlay_refs,
             next,
         })
     }
@@ -304,6 +410,7 @@ impl ImageIn {
             mut reader,
             state,
             disk_refs,
+            mut overlay_refs,
             next,
         } = self;
         let image_id = id_hex(&reader.header().image_id);
@@ -325,6 +432,38 @@ impl ImageIn {
         let mut disks = HashMap::new();
         loop {
             match next {
+                Section::Disk(info) if overlay_refs.contains_key(&info.name) => {
+                    let r = overlay_refs
+                        .remove(&info.name)
+                        .unwrap_or_else(|| unreachable!());
+                    let base = open_overlay_base(&r.base)?;
+                    let create_err = |source| ImageError::CreateDisk {
+                        path: disk_dir.display().to_string(),
+                        source,
+                    };
+                    let upper = scratch_file(disk_dir).map_err(create_err)?;
+                    let (_, after) = reader.read_disk_into(&upper, fresh)?;
+                    let overlay = Overlay::with_written(base, info.size, upper, &r.written)
+                        .map_err(|source| ImageError::BadOverlay {
+                            device: info.name.clone(),
+                            base: r.base.path.display().to_string(),
+                            source,
+                        })?;
+                    log::info!(
+                        "restore: disk of {} is copy-on-write over {}",
+                        info.name,
+                        r.base.path.display()
+                    );
+                    disks.insert(
+                        info.name,
+                        DiskFile {
+                            path: r.base.path,
+                            backing: Backing::Overlay(overlay),
+                        },
+                    );
+                    next = after;
+                    continue;
+                }
                 Section::Disk(info) => {
                     let path = restored_disk_path(disk_dir, &image_id, &info.name)?;
                     let file = OpenOptions::new()
@@ -338,7 +477,13 @@ impl ImageIn {
                         })?;
                     log::info!("restore: disk of {} → {}", info.name, path.display());
                     let (_, after) = reader.read_disk_into(&file, fresh)?;
-                    disks.insert(info.name, DiskFile { path, file });
+                    disks.insert(
+                        info.name,
+                        DiskFile {
+                            path,
+                            backing: Backing::File(file),
+                        },
+                    );
                     next = after;
                     continue;
                 }
@@ -353,18 +498,46 @@ impl ImageIn {
             }
             next = reader.next_section()?;
         }
+        if let Some(id) = overlay_refs.keys().next() {
+            return Err(ImageError::Layout(format!(
+                "the copy-on-write disk of {id} has no disk section"
+            )));
+        }
         for (id, r) in disk_refs {
             let file = check_disk_ref(&r)?;
-            disks.insert(id, DiskFile { path: r.path, file });
+            disks.insert(
+                id,
+                DiskFile {
+                    path: r.path,
+                    backing: Backing::File(file),
+                },
+            );
         }
         for d in disks.values() {
-            d.file.sync_all().map_err(|source| ImageError::WriteDisk {
-                path: d.path.display().to_string(),
-                source,
-            })?;
+            // An overlay dies with the VM: nothing to make durable.
+            if let Backing::File(file) = &d.backing {
+                file.sync_all().map_err(|source| ImageError::WriteDisk {
+                    path: d.path.display().to_string(),
+                    source,
+                })?;
+            }
         }
         Ok((state, disks))
     }
+}
+
+/// Opens the base of a saved overlay, read-only, if it is still the file
+/// the overlay was written over.
+fn open_overlay_base(saved: &FileIdentity) -> Result<File, ImageError> {
+    let changed = |reason: String| ImageError::DiskChanged {
+        path: saved.path.display().to_string(),
+        reason,
+    };
+    let now = FileIdentity::of(&saved.path).map_err(|e| changed(e.to_string()))?;
+    if &now != saved {
+        return Err(changed("it was modified or replaced since".into()));
+    }
+    File::open(&saved.path).map_err(|e| changed(e.to_string()))
 }
 
 /// Opens a disk the image left out, if it is still the one it was.

@@ -40,6 +40,7 @@ pub mod state;
 pub mod terminal;
 pub mod timeline;
 pub mod vcpu;
+pub mod warm;
 
 #[cfg(test)]
 pub(crate) mod test_vm;

@@ -13,7 +13,7 @@
 //! ([`crate::image::write`]) that takes the state and the memory.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 
@@ -21,7 +21,9 @@ use crate::agent::AgentChannel;
 use crate::arch::cpuid::CpuTemplate;
 use crate::arch::{loader, regs};
 use crate::boot::{build_cmdline, ConfigError, VmConfig};
-use crate::device_manager::{self, DeviceError, DeviceManager, RestoreBackends, RestoreOverrides};
+use crate::device_manager::{
+    self, DeviceError, DeviceManager, DiskView, RestoreBackends, RestoreOverrides,
+};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::events::VmEvent;
 use crate::host::{self, HostError};
@@ -121,7 +123,8 @@ impl Machine {
         let mut devices = DeviceManager::new(&vm, console, timeline.clone())?;
         let mut device_args = Vec::new();
         if let Some(rootfs) = &cfg.rootfs {
-            device_args.push(devices.add_block(&vm, rootfs, false)?);
+            let scratch = cfg.ephemeral.then(std::env::temp_dir);
+            device_args.push(devices.add_block(&vm, rootfs, false, scratch.as_deref())?);
         }
         let mut net_specs = Vec::new();
         for net in &cfg.nets {
@@ -156,7 +159,9 @@ impl Machine {
             vcpus: cfg.vcpus,
             template,
             kernel: cfg.kernel.display().to_string(),
-            expects_status: !cfg.command.is_empty(),
+            // A command that comes over the agent's channel reports its
+            // status as one on the command line does.
+            expects_status: !cfg.command.is_empty() || cfg.start_by_agent,
         };
         let agent = AgentChannel::start(agent_rx, events.clone(), None)
             .map_err(MachineError::AgentThread)?;
@@ -305,9 +310,10 @@ impl Machine {
         self.vm.ram()
     }
 
-    /// The disk behind each virtio-blk device, by device id.
-    pub fn disks(&self) -> Vec<(String, PathBuf)> {
-        self.devices.disks()
+    /// The disk behind each virtio-blk device, by device id; an overlay's
+    /// view is consistent while the machine is paused.
+    pub fn disks(&self) -> Result<Vec<(String, DiskView)>, MachineError> {
+        Ok(self.devices.disks()?)
     }
 
     fn refuse(&self, action: &'static str) -> MachineError {

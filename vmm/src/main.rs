@@ -34,6 +34,37 @@ enum Command {
     Inspect(InspectArgs),
     /// Talk to the guest agent of a running VM.
     Agent(AgentArgs),
+    /// Show or remove the warm images `vmm run` starts from.
+    Cache(CacheArgs),
+}
+
+#[derive(clap::Args)]
+struct CacheArgs {
+    #[command(subcommand)]
+    command: CacheCommand,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// List the warm images: name, size, age, last use, what they boot.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove warm images by name (or all of them).
+    Rm {
+        #[arg(required_unless_present = "all")]
+        names: Vec<String>,
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+    },
+    /// Remove the least recently used warm images beyond a total size.
+    Prune {
+        /// The size to keep, in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = vmm::warm::DEFAULT_MAX_BYTES >> 20)]
+        max_size: u64,
+    },
 }
 
 /// How a running VMM is controlled (run and restore alike).
@@ -72,6 +103,7 @@ impl ControlArgs {
             api_sock: self.api_sock,
             snapshot_dir,
             checkpoint_on: self.checkpoint_on,
+            start: None,
         })
     }
 }
@@ -151,6 +183,14 @@ struct RunArgs {
     /// agent start, exit; ms from process start) as a JSON line on stderr at exit.
     #[arg(long)]
     timings: bool,
+    /// Boot, even if a warm image of this machine is cached (and save none).
+    #[arg(long)]
+    cold: bool,
+    /// The guest's writes to the rootfs go to a copy-on-write overlay that
+    /// ends with the VM; the rootfs file is never written. Always on for
+    /// the default guest. Ephemeral runs start warm from a cached image.
+    #[arg(long)]
+    ephemeral: bool,
     /// The container command and its arguments; without one, an interactive shell.
     #[arg(last = true)]
     command: Vec<String>,
@@ -396,6 +436,7 @@ fn agent_cmd(args: AgentArgs) -> anyhow::Result<i32> {
 }
 
 fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
+    let default_rootfs = args.rootfs.is_none();
     let (kernel, rootfs) = match (args.kernel, args.rootfs) {
         (None, None) => (
             vmm::guest::default_kernel()?,
@@ -413,7 +454,8 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
     if vcpus == 0 {
         anyhow::bail!("--vcpus must be between 1 and 8 (got {})", args.vcpus);
     }
-    let cfg = VmConfig {
+    let default_rootfs = default_rootfs && rootfs.is_some();
+    let mut cfg = VmConfig {
         kernel,
         initrd: args.initrd,
         rootfs,
@@ -423,14 +465,170 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
         command: args.command,
         nets: args.net,
         vsock: args.vsock,
+        ephemeral: args.ephemeral || default_rootfs,
+        start_by_agent: false,
     };
     let timings = args.timings;
-    let opts = args.control.options()?;
+    let mut opts = args.control.options()?;
+    // A warm image holds no TAP or host socket of its own: machines with
+    // them boot.
+    let warm = cfg.ephemeral
+        && cfg.rootfs.is_some()
+        && !args.cold
+        && cfg.nets.is_empty()
+        && cfg.vsock.is_none();
+    if warm {
+        match warm_plan(&cfg) {
+            Ok((cache, key)) => {
+                if let Some(image) = cache.lookup(&key) {
+                    opts.start = Some(runner::StartPlan {
+                        command: cfg.command.clone(),
+                        save_warm: None,
+                    });
+                    match runner::warm_start(&image, &opts, start) {
+                        Ok(finished) => return Ok(report(finished, timings)),
+                        Err(runner::WarmStartError::Run(e)) => {
+                            return Err(e).context("cannot run the restored VM")
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "{}; it is discarded and the guest boots instead",
+                                chain(&e)
+                            );
+                            let _ = cache.remove(&key.name());
+                        }
+                    }
+                }
+                cfg.start_by_agent = true;
+                opts.start = Some(runner::StartPlan {
+                    command: cfg.command.clone(),
+                    save_warm: Some((cache, key)),
+                });
+            }
+            Err(e) => log::warn!("no warm start: {}", chain(&e)),
+        }
+    }
     let finished = runner::run(cfg, &opts, start).context("cannot run the VM")?;
+    Ok(report(finished, timings))
+}
+
+/// The warm-start cache and this machine's key in it.
+fn warm_plan(
+    cfg: &VmConfig,
+) -> Result<(vmm::warm::WarmCache, vmm::warm::WarmKey), vmm::warm::WarmError> {
+    Ok((
+        vmm::warm::WarmCache::open_default()?,
+        vmm::warm::WarmKey::of(cfg)?,
+    ))
+}
+
+fn report(finished: runner::Finished, timings: bool) -> i32 {
     if timings {
         eprintln!("{}", finished.timings);
     }
-    Ok(finished.status)
+    finished.status
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !msg.ends_with(&c_text) {
+            msg = format!("{msg}: {c_text}");
+        }
+        cause = c.source();
+    }
+    msg
+}
+
+fn cache_cmd(args: CacheArgs) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let cache = vmm::warm::WarmCache::open_default()?;
+    let mut out = String::new();
+    match args.command {
+        CacheCommand::Ls { json } => {
+            let list = cache.list();
+            if json {
+                let v: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "name": l.name,
+                            "bytes": l.bytes,
+                            "created": l.entry.created,
+                            "last_used": l.last_used.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                            "boot_ms": l.entry.boot_ms,
+                            "key": l.entry.key,
+                        })
+                    })
+                    .collect();
+                out = serde_json::to_string_pretty(&v)? + "\n";
+            } else {
+                out.push_str(&format!(
+                    "{:<16}  {:>9}  {:>7}  {:>9}  {:>8}  {}\n",
+                    "NAME", "SIZE", "AGE", "USED", "SAVES", "MACHINE"
+                ));
+                let now = std::time::SystemTime::now();
+                for l in &list {
+                    let created =
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(l.entry.created);
+                    let k = &l.entry.key;
+                    out.push_str(&format!(
+                        "{:<16}  {:>5.1} MiB  {:>7}  {:>9}  {:>6.1} s  {} MiB, {} vCPU, {} on {}\n",
+                        l.name,
+                        l.bytes as f64 / (1 << 20) as f64,
+                        ago(now, created),
+                        ago(now, l.last_used),
+                        l.entry.boot_ms as f64 / 1000.0,
+                        k.mem_mib,
+                        k.vcpus,
+                        k.kernel.path.display(),
+                        k.rootfs.path.display(),
+                    ));
+                }
+                let total: u64 = list.iter().map(|l| l.bytes).sum();
+                out.push_str(&format!(
+                    "{} warm images, {:.1} MiB in {}\n",
+                    list.len(),
+                    total as f64 / (1 << 20) as f64,
+                    cache.dir().display()
+                ));
+            }
+        }
+        CacheCommand::Rm { names, all } => {
+            let names = if all {
+                cache.list().into_iter().map(|l| l.name).collect()
+            } else {
+                names
+            };
+            for n in &names {
+                cache.remove(n)?;
+                out.push_str(&format!("removed {n}\n"));
+            }
+        }
+        CacheCommand::Prune { max_size } => {
+            let removed = cache.prune(max_size.saturating_mul(1 << 20));
+            for r in &removed {
+                out.push_str(&format!("removed {} ({} bytes)\n", r.name, r.bytes));
+            }
+            out.push_str(&format!("{} removed\n", removed.len()));
+        }
+    }
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(0)
+}
+
+/// "5 s", "3 min", "2 h", "4 d" before `now`.
+fn ago(now: std::time::SystemTime, then: std::time::SystemTime) -> String {
+    let s = now.duration_since(then).unwrap_or_default().as_secs();
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86400),
+    }
 }
 
 /// Help and version go out as clap prints them; a bad command line is one
@@ -466,6 +664,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore_cmd(args, start),
         Command::Inspect(args) => inspect_cmd(args),
         Command::Agent(args) => agent_cmd(args),
+        Command::Cache(args) => cache_cmd(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

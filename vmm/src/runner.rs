@@ -18,10 +18,11 @@ use crate::checkpoint::{self, checkpoint_path};
 use crate::events::{
     ApiFailure, ApiRequest, SnapshotOptions, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
 };
-use crate::image::{self, ImageError};
+use crate::image::{self, ImageError, OverlayMode};
 use crate::machine::{Lifecycle, Machine, MachineError};
 use crate::terminal::RawTerminal;
 use crate::timeline::Timeline;
+use crate::warm::{WarmCache, WarmKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -67,7 +68,22 @@ pub struct RunOptions {
     pub snapshot_dir: Option<PathBuf>,
     /// Checkpoint into `snapshot_dir` when this signal arrives.
     pub checkpoint_on: Option<i32>,
+    /// The command goes to the agent once it is ready (a guest booted
+    /// with `vmm.start=agent`, or restored from a warm image).
+    pub start: Option<StartPlan>,
 }
+
+/// The container command, handed to the agent when it is ready.
+#[derive(Debug, Clone)]
+pub struct StartPlan {
+    /// Empty: an interactive shell.
+    pub command: Vec<String>,
+    /// First save a warm image of the waiting guest in this cache.
+    pub save_warm: Option<(WarmCache, WarmKey)>,
+}
+
+/// How long the agent may take to take the command.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Boots the VM and runs it until the guest stops.
 pub fn run(cfg: VmConfig, opts: &RunOptions, start: Instant) -> Result<Finished, RunError> {
@@ -80,6 +96,60 @@ pub fn run(cfg: VmConfig, opts: &RunOptions, start: Instant) -> Result<Finished,
         timeline,
     )?;
     run_machine(machine, events_tx, events_rx, opts, start)
+}
+
+/// Why a warm start did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmStartError {
+    /// The image could not be restored; nothing of the guest ran, so a cold
+    /// boot can take over.
+    #[error("the warm image {path} cannot be restored")]
+    Unusable {
+        path: String,
+        #[source]
+        source: MachineError,
+    },
+    #[error("cannot open the warm image {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The restored VM ran and failed.
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// Restores the warm image at `image` (the guest's agent waits for its
+/// command), hands it `opts.start`'s command and runs it until it stops.
+/// Its disk overlay lives, unnamed, in the temporary directory.
+pub fn warm_start(
+    image: &Path,
+    opts: &RunOptions,
+    start: Instant,
+) -> Result<Finished, WarmStartError> {
+    let unusable = |source: MachineError| WarmStartError::Unusable {
+        path: image.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(image).map_err(|source| WarmStartError::Open {
+        path: image.display().to_string(),
+        source,
+    })?;
+    let timeline = Arc::new(Timeline::new(start));
+    let (events_tx, events_rx) = mpsc::channel();
+    let machine = Machine::restore(
+        Box::new(file),
+        &image.display().to_string(),
+        &std::env::temp_dir(),
+        &RestoreOverrides::default(),
+        Box::new(std::io::stdout()),
+        events_tx.clone(),
+        timeline,
+    )
+    .map_err(unusable)?;
+    log::info!("warm image restored in {:?}", start.elapsed());
+    Ok(run_machine(machine, events_tx, events_rx, opts, start)?)
 }
 
 /// Restores the VM in the image `from` and runs it until the guest stops.
@@ -128,9 +198,9 @@ fn run_machine(
                     mem_mib: config.mem_mib,
                     kernel: config.kernel.clone(),
                     rootfs: machine
-                        .disks()
+                        .disks()?
                         .first()
-                        .map(|(_, p)| p.display().to_string()),
+                        .map(|(_, d)| d.path().display().to_string()),
                     started: start,
                 },
                 events_tx,
@@ -149,6 +219,7 @@ fn run_machine(
     machine.resume()?;
     log::info!("vCPUs running {:?} after start", start.elapsed());
 
+    let mut pending_start = opts.start.clone();
     let reason = loop {
         // The machine's vCPU threads hold senders until it shuts down, so
         // this fails only if they are all gone.
@@ -159,6 +230,13 @@ fn run_machine(
                 let _ = reply.send(answer);
                 if stop {
                     break StopReason::Requested;
+                }
+            }
+            Ok(VmEvent::AgentReady) => {
+                if let Some(plan) = pending_start.take() {
+                    if let Err(why) = start_command(&mut machine, plan, start) {
+                        break StopReason::Failed(why);
+                    }
                 }
             }
             Err(_) => break StopReason::Failed("all vCPU threads vanished".into()),
@@ -182,6 +260,81 @@ fn run_machine(
         status,
         timings: machine.timeline().report(),
     })
+}
+
+/// Hands the waiting agent its command, after saving a warm image of the
+/// guest as it waits if the plan says so (a failed save is only logged: it
+/// costs the next run a boot, not this one its command).
+fn start_command(machine: &mut Machine, plan: StartPlan, start: Instant) -> Result<(), String> {
+    if let Some((cache, key)) = &plan.save_warm {
+        save_warm(machine, cache, key, start)?;
+    }
+    let argv = (!plan.command.is_empty())
+        .then(|| plan.command.iter().map(|a| a.as_bytes().to_vec()).collect());
+    let t0 = Instant::now();
+    match machine.agent().call(Request::Start { argv }, START_TIMEOUT) {
+        Ok(Reply::Started) => {
+            log::info!(
+                "command handed to the agent in {:?}, {:?} after start",
+                t0.elapsed(),
+                start.elapsed()
+            );
+            Ok(())
+        }
+        Ok(other) => Err(format!("the guest agent answered {other:?} to the command")),
+        Err(e) => Err(format!("the guest agent did not take the command: {e}")),
+    }
+}
+
+/// Pauses the machine, writes its warm image into `cache`, resumes it.
+/// Only a failure to resume is the run's failure.
+fn save_warm(
+    machine: &mut Machine,
+    cache: &WarmCache,
+    key: &WarmKey,
+    start: Instant,
+) -> Result<(), String> {
+    let boot_ms = start.elapsed().as_millis() as u64;
+    let t0 = Instant::now();
+    let path = cache.image_path(key);
+    machine
+        .pause()
+        .map_err(|e| format!("cannot pause for the warm image: {e}"))?;
+    let written = (|| -> Result<_, SnapshotError> {
+        let state = machine.save_state()?;
+        let disks = machine.disks()?;
+        Ok(image::write(
+            &state,
+            machine.ram(),
+            &disks,
+            &SnapshotOptions::default(),
+            OverlayMode::Reference,
+            false,
+            SnapshotTarget::Path(path.clone()),
+        )?)
+    })();
+    machine
+        .resume()
+        .map_err(|e| format!("cannot resume after the warm image: {e}"))?;
+    match written.map_err(|e| e.to_string()).and_then(|w| {
+        cache.record(key, boot_ms).map_err(|e| e.to_string())?;
+        Ok(w)
+    }) {
+        Ok(w) => {
+            log::info!(
+                "warm image {} saved: {} bytes in {:?} (the next run starts from it)",
+                path.display(),
+                w.summary.bytes,
+                t0.elapsed()
+            );
+            let removed = cache.prune(crate::warm::DEFAULT_MAX_BYTES);
+            for r in removed {
+                log::info!("warm cache: removed {} to stay within its bound", r.name);
+            }
+        }
+        Err(e) => log::warn!("no warm image saved (the next run boots again): {e}"),
+    }
+    Ok(())
 }
 
 /// A refused lifecycle transition is the caller's conflict; anything else
@@ -369,8 +522,9 @@ fn snapshot(
     let written = image::write(
         &state,
         machine.ram(),
-        &machine.disks(),
+        &machine.disks()?,
         &req.options,
+        OverlayMode::Merged,
         quiesced,
         req.target,
     )?;

@@ -13,7 +13,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{Rtc, Serial, I8042};
-use devices::virtio::block::Block;
+use devices::virtio::block::{Backing, Block, Overlay};
 use devices::virtio::mmio::reg::QUEUE_NOTIFY;
 use devices::virtio::net::{MacAddr, Net, Tap, TapError};
 use devices::virtio::rng::Rng;
@@ -64,6 +64,12 @@ pub enum DeviceError {
     BadDevice { id: String, reason: String },
     #[error("the image has no disk for {0}")]
     NoDisk(String),
+    #[error("cannot make the copy-on-write overlay of the disk in {dir}")]
+    Overlay {
+        dir: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot attach {id} to its TAP")]
     Tap {
         id: String,
@@ -181,10 +187,41 @@ fn open_taps(
     Ok(taps)
 }
 
-/// A disk file that backs a restored virtio-blk device.
+/// The disk behind a restored virtio-blk device: `path` names the image
+/// (an overlay's base).
 pub struct DiskFile {
     pub path: PathBuf,
-    pub file: File,
+    pub backing: Backing,
+}
+
+/// A virtio-blk device's disk as a snapshot sees it.
+pub enum DiskView {
+    /// The image file, which the guest writes.
+    File(PathBuf),
+    /// A copy-on-write view of `base` (`--ephemeral`), frozen as it is now.
+    Overlay { base: PathBuf, overlay: Overlay },
+}
+
+impl DiskView {
+    /// The image the disk comes from.
+    pub fn path(&self) -> &Path {
+        match self {
+            DiskView::File(p) => p,
+            DiskView::Overlay { base, .. } => base,
+        }
+    }
+}
+
+/// A new file in `dir` with no name: it takes an overlay's writes and
+/// vanishes with the last descriptor, whatever way the VMM ends.
+pub fn scratch_file(dir: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
 }
 
 struct VirtioSlot {
@@ -407,24 +444,44 @@ impl DeviceManager {
     }
 
     /// Adds a virtio-blk device backed by `path`; returns the kernel
-    /// command-line fragment that declares it to the guest.
+    /// command-line fragment that declares it to the guest. With
+    /// `ephemeral_dir` the guest writes into a copy-on-write overlay kept
+    /// (unnamed) in that directory, and `path` is only read.
     pub fn add_block(
         &mut self,
         vm: &Vm,
         path: &Path,
         read_only: bool,
+        ephemeral_dir: Option<&Path>,
     ) -> Result<String, DeviceError> {
         let name = path.display().to_string();
+        let open_err = |source| DeviceError::OpenDisk {
+            path: name.clone(),
+            source,
+        };
         let file = OpenOptions::new()
             .read(true)
-            .write(!read_only)
+            .write(!read_only && ephemeral_dir.is_none())
             .open(path)
-            .map_err(|source| DeviceError::OpenDisk {
-                path: name.clone(),
-                source,
-            })?;
+            .map_err(open_err)?;
+        let backing = match ephemeral_dir {
+            None => Backing::File(file),
+            Some(dir) => {
+                let len = file.metadata().map_err(open_err)?.len();
+                let upper = scratch_file(dir).map_err(|source| DeviceError::Overlay {
+                    dir: dir.display().to_string(),
+                    source: source.into(),
+                })?;
+                let overlay =
+                    Overlay::new(file, len, upper).map_err(|source| DeviceError::Overlay {
+                        dir: dir.display().to_string(),
+                        source: source.into(),
+                    })?;
+                Backing::Overlay(overlay)
+            }
+        };
         let index = self.virtio.len();
-        let block = Block::new(file, read_only, format!("vmm-disk{index}"))
+        let block = Block::new(backing, read_only, format!("vmm-disk{index}"))
             .map_err(|source| DeviceError::Block { path: name, source })?;
         self.add_virtio_device(vm, device_id("virtio-blk", index), Box::new(block))
     }
@@ -542,16 +599,28 @@ impl DeviceManager {
         out
     }
 
-    /// The disk image behind each virtio-blk device, by device id.
-    pub fn disks(&self) -> Vec<(String, PathBuf)> {
-        self.virtio
-            .iter()
-            .filter_map(|slot| {
-                let t = lock(&slot.transport);
-                let b = t.device().as_any().downcast_ref::<Block>()?;
-                Some((slot.id.clone(), b.path().to_path_buf()))
-            })
-            .collect()
+    /// The disk behind each virtio-blk device, by device id. An overlay's
+    /// view stays consistent only while the VM is paused.
+    pub fn disks(&self) -> Result<Vec<(String, DiskView)>, DeviceError> {
+        let mut out = Vec::new();
+        for slot in &self.virtio {
+            let t = lock(&slot.transport);
+            let Some(b) = t.device().as_any().downcast_ref::<Block>() else {
+                continue;
+            };
+            let view = match b.overlay() {
+                None => DiskView::File(b.path().to_path_buf()),
+                Some(o) => DiskView::Overlay {
+                    base: b.path().to_path_buf(),
+                    overlay: o.try_clone().map_err(|source| DeviceError::Overlay {
+                        dir: b.path().display().to_string(),
+                        source: source.into(),
+                    })?,
+                },
+            };
+            out.push((slot.id.clone(), view));
+        }
+        Ok(out)
     }
 
     /// Rebuilds the devices from their saved states, attached to
@@ -649,7 +718,8 @@ impl DeviceManager {
                     let mut state = slot.virtio.clone();
                     state.device.path = disk.path;
                     dm.add_virtio(vm, d.id.clone(), |irq| {
-                        restore_virtio::<Block>(mem, irq, disk.file, &state).map_err(restore_failed)
+                        restore_virtio::<Block>(mem, irq, disk.backing, &state)
+                            .map_err(restore_failed)
                     })?;
                 }
                 DeviceState::VirtioNet(slot) => {
