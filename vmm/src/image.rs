@@ -145,15 +145,23 @@ pub struct OverlayRef {
     pub written: Vec<(u64, u64)>,
 }
 
-/// What an overlay's guest sees, for the writer's threads.
-struct MergedSource<'a>(&'a Overlay);
+/// An overlay for the writer's threads: what its guest sees (`merged`), or
+/// only the blocks it wrote, zeros elsewhere.
+struct OverlaySource<'a> {
+    overlay: &'a Overlay,
+    merged: bool,
+}
 
-impl snapshot::PageSource for MergedSource<'_> {
+impl snapshot::PageSource for OverlaySource<'_> {
     fn len(&self) -> u64 {
-        self.0.len()
+        self.overlay.len()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
+        if self.merged {
+            self.overlay.read_at(buf, offset)
+        } else {
+            self.overlay.read_written_at(buf, offset)
+        }
     }
 }
 
@@ -262,16 +270,22 @@ pub fn write(
                         };
                         let name = format!("{}{id}", sections::DISK_OVERLAY_PREFIX);
                         w.write_state(Kind::DEVICE, &name, &r)?;
-                        let upper = FileSource {
-                            file: overlay.upper(),
-                            len: overlay.len(),
+                        let written = OverlaySource {
+                            overlay,
+                            merged: false,
                         };
-                        views.push((id, Box::new(upper)));
+                        views.push((id, Box::new(written)));
                     }
                     OverlayMode::Merged if options.no_disk => {
                         return Err(ImageError::EphemeralNoDisk(base.display().to_string()))
                     }
-                    OverlayMode::Merged => views.push((id, Box::new(MergedSource(overlay)))),
+                    OverlayMode::Merged => views.push((
+                        id,
+                        Box::new(OverlaySource {
+                            overlay,
+                            merged: true,
+                        }),
+                    )),
                 },
             }
         }

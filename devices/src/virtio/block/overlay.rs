@@ -77,11 +77,6 @@ impl Overlay {
         &self.base
     }
 
-    /// The file holding the written blocks, at their own offsets.
-    pub fn upper(&self) -> &File {
-        &self.upper
-    }
-
     /// Another handle on the same files and a copy of the written set: a
     /// consistent view for as long as the device is not written (the VM is
     /// paused), as a snapshot needs.
@@ -124,6 +119,17 @@ impl Overlay {
     /// Reads what the guest sees at `off`: each run of blocks from the file
     /// that holds it.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.read_runs(buf, off, false)
+    }
+
+    /// Reads the written blocks at `off`, zeros for the others, without
+    /// touching the base or the upper file's holes (a warm image saves only
+    /// what the guest wrote).
+    pub fn read_written_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.read_runs(buf, off, true)
+    }
+
+    fn read_runs(&self, buf: &mut [u8], off: u64, written_only: bool) -> io::Result<()> {
         let end = self.check(off, buf.len())?;
         let mut pos = off;
         while pos < end {
@@ -133,9 +139,13 @@ impl Overlay {
                 run_end += BLOCK;
             }
             let run_end = run_end.min(end);
-            let from = if upper { &self.upper } else { &self.base };
             let at = (pos - off) as usize;
-            from.read_exact_at(&mut buf[at..(run_end - off) as usize], pos)?;
+            let dest = &mut buf[at..(run_end - off) as usize];
+            match (upper, written_only) {
+                (true, _) => self.upper.read_exact_at(dest, pos)?,
+                (false, false) => self.base.read_exact_at(dest, pos)?,
+                (false, true) => dest.fill(0),
+            }
             pos = run_end;
         }
         Ok(())
@@ -221,6 +231,18 @@ mod tests {
         );
         assert_eq!(contents(&b), before, "the base is untouched");
         assert_eq!(o.written_extents(), vec![(1, 2)]);
+        let mut written = vec![0xffu8; before.len()];
+        o.read_written_at(&mut written, 0).unwrap();
+        assert!(
+            written[..BLOCK as usize].iter().all(|&x| x == 0),
+            "unwritten: zeros"
+        );
+        assert_eq!(
+            &written[BLOCK as usize..3 * BLOCK as usize],
+            &expect[BLOCK as usize..3 * BLOCK as usize],
+            "written blocks as the guest sees them"
+        );
+        assert!(written[3 * BLOCK as usize..].iter().all(|&x| x == 0));
     }
 
     #[test]
