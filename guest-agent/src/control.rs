@@ -69,6 +69,10 @@ pub struct Agent {
 enum StartSlot {
     /// The boot named it (or there is none to wait for): `Start` is refused.
     NotWaiting,
+    /// Init is still setting up. The channel holds back its `Hello` until
+    /// init waits: the VMM takes a warm image when the agent connects, and
+    /// whatever init did after that would be redone by every warm run.
+    Booting,
     /// Init waits for it.
     Waiting,
     /// Arrived, not yet taken by init (`None`: an interactive shell).
@@ -81,7 +85,8 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Agent {
     /// Starts the channel's thread. `wait_for_start`: the main command
-    /// comes over the channel ([`Agent::wait_for_start`]).
+    /// comes over the channel ([`Agent::wait_for_start`]), and the channel
+    /// connects only once init waits for it.
     pub fn start(wait_for_start: bool) -> Arc<Agent> {
         let agent = Arc::new(Agent {
             writer: Mutex::new(None),
@@ -94,7 +99,7 @@ impl Agent {
             notify: notify::Registry::default(),
             frozen: Mutex::new(Vec::new()),
             start: Mutex::new(if wait_for_start {
-                StartSlot::Waiting
+                StartSlot::Booting
             } else {
                 StartSlot::NotWaiting
             }),
@@ -114,6 +119,10 @@ impl Agent {
     /// `None` means an interactive shell.
     pub fn wait_for_start(&self) -> Option<Vec<Vec<u8>>> {
         let mut slot = lock(&self.start);
+        if let StartSlot::Booting = &*slot {
+            *slot = StartSlot::Waiting;
+            self.started.notify_all();
+        }
         loop {
             if let StartSlot::Given(_) = &*slot {
                 let StartSlot::Given(argv) = std::mem::replace(&mut *slot, StartSlot::NotWaiting)
@@ -214,6 +223,14 @@ impl Agent {
 
     /// Connects, serves, reconnects; forever.
     fn run(self: Arc<Self>) {
+        let mut slot = lock(&self.start);
+        while let StartSlot::Booting = &*slot {
+            slot = self
+                .started
+                .wait(slot)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        drop(slot);
         let mut retry = FIRST_RETRY;
         loop {
             match self.connect() {

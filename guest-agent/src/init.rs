@@ -9,7 +9,7 @@
 use std::ffi::{CStr, CString};
 use std::fmt::Display;
 use std::io::{self, Write};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::children;
@@ -23,6 +23,11 @@ pub const HOSTNAME: &[u8] = b"vmm";
 /// Interactive shells, first one present wins.
 const BASH: &CStr = c"/bin/bash";
 const SH: &CStr = c"/bin/sh";
+/// Run once before a warm image is taken (see [`prewarm`]).
+const TRUE: &CStr = c"/bin/true";
+/// Read whole before a warm image is taken, where present (Debian's paths):
+/// a program uses more of the C library than `/bin/true` does.
+const PREWARM_FILES: [&str; 1] = ["/lib/x86_64-linux-gnu/libc.so.6"];
 
 /// Runs the agent; never returns (the machine reboots).
 pub fn main() -> ! {
@@ -67,7 +72,10 @@ fn run() -> u8 {
     let argv = match args.command {
         Some(argv) => Some(argv),
         // A warm image is taken here: whatever comes next is the run's.
-        None if args.start_by_agent => agent.wait_for_start(),
+        None if args.start_by_agent => {
+            prewarm();
+            agent.wait_for_start()
+        }
         None => None,
     };
     let argv = argv.unwrap_or_else(interactive_shell);
@@ -101,6 +109,38 @@ fn run() -> u8 {
                 _ => status::CANNOT_EXECUTE,
             }
         }
+    }
+}
+
+/// Before a warm image is taken: runs `/bin/true`, reads the C library,
+/// looks up a name in each PATH directory and the restore hooks, so that
+/// the image's page and dentry caches hold what a warm run needs first.
+/// Otherwise every warm run reads them from disk again, through a block
+/// layer that is slow where the guest kernel is interpreted (`vmm run --
+/// uname -a` from a warm image: 3.3 s with this, 6.7 s without).
+fn prewarm() {
+    let _ = crate::restore::hooks_in(std::path::Path::new(
+        guest_abi::agent::local::RESTORE_HOOKS_DIR,
+    ));
+    // A name no directory has: the lookup reads each small directory whole.
+    for candidate in command::candidates(b".vmm-prewarm", command::DEFAULT_PATH) {
+        let _ = std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(&candidate));
+    }
+    for lib in PREWARM_FILES {
+        let _ = std::fs::read(lib);
+    }
+    let spec = sys::Spawn {
+        candidates: vec![CString::from(TRUE)],
+        argv: vec![CString::from(TRUE)],
+        envp: Vec::new(),
+        controlling_tty: false,
+        unshare_flags: 0,
+        workdir: CString::from(c"/"),
+        stdio: None,
+    };
+    // Best effort: a root without /bin/true only misses the head start.
+    if let Ok(pid) = sys::spawn(&spec) {
+        let _ = sys::wait_pid(pid);
     }
 }
 

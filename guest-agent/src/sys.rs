@@ -92,10 +92,15 @@ pub fn getpid() -> libc::pid_t {
 /// Waits for any child to exit: `Some((pid, wait status))`, or `None` when
 /// there are no children left.
 pub fn wait_any() -> io::Result<Option<(libc::pid_t, c_int)>> {
+    wait_pid(-1)
+}
+
+/// Waits for child `which` (-1: any) to exit, as [`wait_any`].
+pub fn wait_pid(which: libc::pid_t) -> io::Result<Option<(libc::pid_t, c_int)>> {
     loop {
         let mut status: c_int = 0;
         // SAFETY: status is a valid, writable c_int for the duration of the call.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        let pid = unsafe { libc::waitpid(which, &mut status, 0) };
         if pid >= 0 {
             return Ok(Some((pid, status)));
         }
