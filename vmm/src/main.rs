@@ -470,6 +470,8 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
     };
     let timings = args.timings;
     let mut opts = args.control.options()?;
+    // A bad configuration is reported as such, not as a warm-start miss.
+    cfg.validate().context("cannot run the VM")?;
     // A warm image holds no TAP or host socket of its own: machines with
     // them boot.
     let warm = cfg.ephemeral
@@ -529,7 +531,9 @@ fn report(finished: runner::Finished, timings: bool) -> i32 {
     finished.status
 }
 
-/// An error and its causes on one line.
+/// An error and its causes on one line, outermost first. Errors that
+/// print their source also return it: a cause the message so far already
+/// ends with is skipped.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut cause = e.source();
@@ -669,16 +673,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            // One line: the chain of causes, outermost first.
-            // Errors that print their source also return it: skip a cause
-            // the message before already ends with.
-            let mut msg: Vec<String> = Vec::new();
-            for c in e.chain().map(|c| c.to_string()) {
-                if !msg.last().is_some_and(|m| m.ends_with(&c)) {
-                    msg.push(c);
-                }
-            }
-            eprintln!("vmm: error: {}", msg.join(": "));
+            eprintln!("vmm: error: {}", chain(&*e));
             ExitCode::from(1)
         }
     }

@@ -88,7 +88,12 @@ impl WarmKey {
         let rootfs = cfg.rootfs.as_deref().unwrap_or(Path::new("/"));
         Ok(WarmKey {
             version: WARM_VERSION,
-            vmm: id(&exe)?,
+            // Not its ctime: hard links change it (cargo's uplifting, perf's
+            // build-id cache), and a rebuild changes mtime and inode anyway.
+            vmm: FileIdentity {
+                ctime_ns: 0,
+                ..id(&exe)?
+            },
             kernel: id(&cfg.kernel)?,
             initrd: cfg.initrd.as_deref().map(id).transpose()?,
             rootfs: id(rootfs)?,
@@ -248,13 +253,19 @@ impl WarmCache {
     }
 
     /// Every image with a readable entry, most recently used first.
-    /// Images without one (a run killed between the two writes) are
-    /// removed on the way.
     pub fn list(&self) -> Vec<Listed> {
+        self.scan().0
+    }
+
+    /// [`Self::list`], and the images without an entry that are over an
+    /// hour old: left by a run killed between the two writes (a younger
+    /// one may be a run's that is writing its entry now).
+    fn scan(&self) -> (Vec<Listed>, Vec<PathBuf>) {
         let Ok(dir) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let mut out = Vec::new();
+        let mut orphans = Vec::new();
         for e in dir.flatten() {
             let p = e.path();
             if p.extension().and_then(|x| x.to_str()) != Some(IMAGE_EXT) {
@@ -271,7 +282,7 @@ impl WarmCache {
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age > Duration::from_secs(3600));
                 if old {
-                    let _ = std::fs::remove_file(&p);
+                    orphans.push(p);
                 }
                 continue;
             };
@@ -286,15 +297,19 @@ impl WarmCache {
             });
         }
         out.sort_by_key(|l| std::cmp::Reverse(l.last_used));
-        out
+        (out, orphans)
     }
 
-    /// Removes the least recently used images until the rest fit in
-    /// `max_bytes`; returns what it removed.
+    /// Removes images without an entry, then the least recently used
+    /// images until the rest fit in `max_bytes`; returns the latter.
     pub fn prune(&self, max_bytes: u64) -> Vec<Listed> {
+        let (listed, orphans) = self.scan();
+        for p in orphans {
+            let _ = std::fs::remove_file(p);
+        }
         let mut total = 0u64;
         let mut removed = Vec::new();
-        for l in self.list() {
+        for l in listed {
             total = total.saturating_add(l.bytes);
             if total > max_bytes && self.remove(&l.name).is_ok() {
                 removed.push(l);
@@ -374,5 +389,26 @@ mod tests {
             cache.remove("nonesuch"),
             Err(WarmError::NoSuchEntry(_))
         ));
+    }
+
+    #[test]
+    fn only_prune_removes_an_old_image_without_an_entry() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = WarmCache::open(t.path().join("warm")).unwrap();
+        let old = cache.path("0ld", IMAGE_EXT);
+        let young = cache.path("y0ung", IMAGE_EXT);
+        std::fs::write(&old, b"killed before its entry").unwrap();
+        std::fs::write(&young, b"being written").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        assert!(cache.list().is_empty());
+        assert!(old.exists(), "listing changes nothing");
+        assert!(cache.prune(u64::MAX).is_empty());
+        assert!(!old.exists());
+        assert!(young.exists(), "a run may be writing its entry now");
     }
 }
