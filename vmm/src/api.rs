@@ -27,7 +27,8 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -45,13 +46,73 @@ use crate::events::{
 pub enum ApiError {
     #[error("another VMM is already listening on {0}")]
     InUse(String),
-    #[error("cannot remove stale socket {path}: {source}")]
-    Stale {
+    #[error(
+        "{0} exists and is not a socket: refusing to replace it (choose another --api-sock path)"
+    )]
+    NotASocket(String),
+    #[error("cannot tell whether {path} is a stale socket")]
+    Probe {
         path: String,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot listen on {path}: {reason}")]
-    Listen { path: String, reason: String },
+    #[error("cannot remove stale socket {path}")]
+    Stale {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Makes `path` free for a new socket: nothing there, or a stale socket
+/// (one nobody answers on), which is removed. Anything else at `path` is the
+/// user's and is left alone: a live socket, a regular file, a directory.
+fn claim_socket_path(path: &Path) -> Result<(), ApiError> {
+    let name = || path.display().to_string();
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ApiError::Probe {
+                path: name(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ApiError::NotASocket(name()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ApiError::InUse(name())),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|source| ApiError::Stale {
+                path: name(),
+                source,
+            }),
+        Err(source) => Err(ApiError::Probe {
+            path: name(),
+            source,
+        }),
+    }
+}
+
+/// Binds a listening socket at a free `path`, readable and writable by its
+/// owner only whatever the umask: whoever can connect controls the VM.
+fn listen(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiError> {
+    let err = |source| ApiError::Listen {
+        path: path.display().to_string(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let meta = std::fs::symlink_metadata(path).map_err(err)?;
+    Ok((listener, (meta.dev(), meta.ino())))
 }
 
 /// Facts about the running VM that the API reports.
@@ -64,9 +125,14 @@ pub struct VmInfo {
     pub started: Instant,
 }
 
-/// Serves the socket on its own thread; removes the socket file when dropped.
+/// Serves the socket on its own thread; removes the socket file when
+/// dropped, if it is still the one it bound.
 pub struct ApiServer {
     path: PathBuf,
+    /// Device and inode of the socket file, so that a file put at `path`
+    /// since (by the user, or a VMM that took over a path we left) is not
+    /// removed at exit.
+    identity: (u64, u64),
     server: Arc<tiny_http::Server>,
 }
 
@@ -77,23 +143,14 @@ impl ApiServer {
         events: Sender<VmEvent>,
         agent: AgentChannel,
     ) -> Result<Self, ApiError> {
-        let name = path.display().to_string();
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ApiError::InUse(name));
-            }
-            std::fs::remove_file(path).map_err(|source| ApiError::Stale {
-                path: name.clone(),
-                source,
-            })?;
-        }
-        let server =
-            Arc::new(
-                tiny_http::Server::http_unix(path).map_err(|e| ApiError::Listen {
-                    path: name,
-                    reason: e.to_string(),
-                })?,
-            );
+        claim_socket_path(path)?;
+        let (listener, identity) = listen(path)?;
+        let server = Arc::new(
+            tiny_http::Server::from_listener(listener, None).map_err(|e| ApiError::Listen {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })?,
+        );
         let s = server.clone();
         let ctx = Context {
             info,
@@ -169,12 +226,13 @@ impl ApiServer {
                     }
                 }
             })
-            .map_err(|e| ApiError::Listen {
+            .map_err(|source| ApiError::Listen {
                 path: path.display().to_string(),
-                reason: e.to_string(),
+                source,
             })?;
         Ok(ApiServer {
             path: path.to_path_buf(),
+            identity,
             server,
         })
     }
@@ -183,7 +241,11 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.server.unblock();
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
