@@ -98,6 +98,27 @@ pub enum ImageError {
     },
 }
 
+/// Where an image goes, opened before the VM pauses: a destination that
+/// must be refused is refused while the guest still runs.
+pub enum ImageOutput {
+    /// A file, written atomically (temporary file, fsync, rename).
+    File(AtomicFile, File),
+    /// A stream (the API response body), written as it is produced.
+    Stream(Box<dyn Write + Send>),
+}
+
+impl ImageOutput {
+    pub fn open(target: SnapshotTarget) -> Result<Self, ImageError> {
+        Ok(match target {
+            SnapshotTarget::Path(path) => {
+                let (atomic, file) = AtomicFile::create(&path)?;
+                ImageOutput::File(atomic, file)
+            }
+            SnapshotTarget::Stream(w) => ImageOutput::Stream(w),
+        })
+    }
+}
+
 /// How a copy-on-write (`--ephemeral`) disk goes into an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OverlayMode {
@@ -216,7 +237,7 @@ pub fn write(
     options: &SnapshotOptions,
     overlays: OverlayMode,
     quiesced: bool,
-    target: SnapshotTarget,
+    output: ImageOutput,
 ) -> Result<Written, ImageError> {
     let (vendor, signature) = host_cpu();
     // Whether a disk is held whole: a referenced overlay is not.
@@ -299,18 +320,18 @@ pub fn write(
         }
         Ok(w.finish()?.1)
     };
-    let (summary, destination) = match target {
-        SnapshotTarget::Path(path) => {
-            let (atomic, file) = AtomicFile::create(&path)?;
+    let (summary, destination) = match output {
+        ImageOutput::File(atomic, file) => {
+            let path = atomic.destination().display().to_string();
             let mut out = BufWriter::with_capacity(1 << 20, file);
             let summary = write_all(&mut out)?;
             let file = out
                 .into_inner()
                 .map_err(|e| ImageError::Image(SnapshotError::Write(e.into_error())))?;
             atomic.commit(file)?;
-            (summary, path.display().to_string())
+            (summary, path)
         }
-        SnapshotTarget::Stream(w) => {
+        ImageOutput::Stream(w) => {
             let mut out = BufWriter::with_capacity(1 << 20, w);
             let summary = write_all(&mut out)?;
             out.flush().map_err(SnapshotError::Write)?;

@@ -18,7 +18,7 @@ use crate::checkpoint::{self, checkpoint_path};
 use crate::events::{
     ApiFailure, ApiRequest, SnapshotOptions, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
 };
-use crate::image::{self, ImageError, OverlayMode};
+use crate::image::{self, ImageError, ImageOutput, OverlayMode};
 use crate::machine::{Lifecycle, Machine, MachineError};
 use crate::terminal::RawTerminal;
 use crate::timeline::Timeline;
@@ -301,6 +301,7 @@ fn save_warm(
         .pause()
         .map_err(|e| format!("cannot pause for the warm image: {e}"))?;
     let written = (|| -> Result<_, SnapshotError> {
+        let output = ImageOutput::open(SnapshotTarget::Path(path.clone()))?;
         let state = machine.save_state()?;
         let disks = machine.disks()?;
         Ok(image::write(
@@ -310,7 +311,7 @@ fn save_warm(
             &SnapshotOptions::default(),
             OverlayMode::Reference,
             false,
-            SnapshotTarget::Path(path.clone()),
+            output,
         )?)
     })();
     machine
@@ -409,6 +410,10 @@ fn checkpoint(
 ) -> (Result<serde_json::Value, ApiFailure>, bool) {
     let was_running = machine.lifecycle() == Lifecycle::Running;
     let stop = req.options.stop;
+    let output = match ImageOutput::open(req.target) {
+        Ok(o) => o,
+        Err(e) => return (Err(snapshot_failure(e.into())), false),
+    };
     let t0 = Instant::now();
     // A paused guest cannot answer: only a running one is quiesced.
     let (frozen, prepare_ms) = if was_running {
@@ -423,7 +428,7 @@ fn checkpoint(
             return (Err(failure(e)), false);
         }
     }
-    let mut result = snapshot(machine, req, frozen);
+    let mut result = snapshot(machine, output, &req.options, frozen);
     // The VM survives a failed snapshot; after a good one it carries on
     // unless asked to stop, or stays paused if it was.
     let stop_now = stop && result.is_ok();
@@ -513,7 +518,8 @@ fn thaw(agent: &AgentChannel, frozen: bool) {
 /// Saves a paused machine's state and writes its image.
 fn snapshot(
     machine: &Machine,
-    req: SnapshotRequest,
+    output: ImageOutput,
+    options: &SnapshotOptions,
     quiesced: bool,
 ) -> Result<serde_json::Value, SnapshotError> {
     let t0 = Instant::now();
@@ -523,10 +529,10 @@ fn snapshot(
         &state,
         machine.ram(),
         &machine.disks()?,
-        &req.options,
+        options,
         OverlayMode::Merged,
         quiesced,
-        req.target,
+        output,
     )?;
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     log::info!(
