@@ -42,7 +42,15 @@ pub fn read_index<R: Read + Seek>(r: &mut R) -> Result<Index, SnapshotError> {
     }
     r.seek(SeekFrom::Start(offset))
         .map_err(SnapshotError::Read)?;
-    let (index, _) = read_index_record(r, "the footer does not point at an index")?;
+    let (index, len) = read_index_record(r, "the footer does not point at an index")?;
+    // The index ends where the footer starts: otherwise the footer is
+    // another image's (two in one file) or stray bytes.
+    if offset + len != end - FOOTER_LEN as u64 {
+        return Err(SnapshotError::Corrupt {
+            section: "footer".into(),
+            reason: "the index does not end where the footer starts (two images in one file, or bytes appended)".into(),
+        });
+    }
     Ok(index)
 }
 

@@ -311,6 +311,28 @@ fn truncation_anywhere_is_an_error() {
 }
 
 #[test]
+fn bytes_after_the_end_are_refused() {
+    let (low, _, disk) = sample();
+    let img = write_image(
+        &header(0, None),
+        &[(0, &low)],
+        None,
+        Some(&disk),
+        Compression::Zstd(1),
+        8,
+    );
+    for extra in [&b"x"[..], &img[..]] {
+        let mut longer = img.clone();
+        longer.extend_from_slice(extra);
+        let e = read_all(&longer, None).unwrap_err().to_string();
+        assert!(e.contains("data follows the image's end"), "{e}");
+        assert!(inspect::inspect(Cursor::new(&longer), true).is_err());
+        assert!(snapshot::read_index(&mut Cursor::new(&longer)).is_err());
+    }
+    assert!(read_all(&img, None).is_ok());
+}
+
+#[test]
 fn a_flipped_byte_is_caught_and_named() {
     let (low, _, _) = sample();
     let img = write_image(
@@ -351,6 +373,21 @@ fn a_flipped_byte_is_caught_and_named() {
             }
         }
     }
+    // A damaged name is not quoted as if it were the section's: the
+    // section is named by kind and place instead.
+    let memory = idx
+        .sections
+        .iter()
+        .find(|s| s.kind == Kind::MEMORY)
+        .unwrap();
+    let mut bad = img.clone();
+    bad[memory.offset as usize + SECTION_HEADER_LEN + 1] ^= 0x02;
+    let e = read_all(&bad, None).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("memory section at offset {}", memory.offset)),
+        "{e}"
+    );
+    assert!(!e.contains("'mgmory'"), "{e}");
     // The trailer is checked too.
     let mut bad = img.clone();
     let n = bad.len();

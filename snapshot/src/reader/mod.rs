@@ -251,10 +251,11 @@ impl<R: Read> ImageReader<R> {
         let h = read_record_header(&mut self.r, &at)?;
         self.seen += 1;
         let name = read_record_name(&mut self.r, &h, &at)?;
+        // The name is covered by the record's checksum: until that is
+        // checked, a damaged name must not be quoted as if it were real.
         let mut label = match h.kind {
-            Kind::CHUNK => format!("chunk #{} at offset {start}", self.seen),
-            k if name.is_empty() => k.label().to_string(),
-            k => format!("{} '{name}'", k.label()),
+            Kind::CHUNK => format!("chunk at offset {start}"),
+            k => format!("{} section at offset {start}", k.label()),
         };
         self.pos += SECTION_HEADER_LEN as u64 + u64::from(h.name_len);
         if !h.kind.is_known() || h.kind == Kind::INDEX {
@@ -265,7 +266,7 @@ impl<R: Read> ImageReader<R> {
                 });
             }
             let unknown = format!("unknown section of kind {:#x}", h.kind.0);
-            skip_payload(&mut self.r, &h, &format!("{unknown} '{name}'"))?;
+            skip_payload(&mut self.r, &h, &format!("{unknown} at offset {start}"))?;
             self.pos += h.payload_len;
             self.last_label = unknown;
             return Ok(Section::Skipped {
@@ -288,6 +289,12 @@ impl<R: Read> ImageReader<R> {
             }
         }
         let payload = payload.check(&label)?;
+        if h.kind != Kind::CHUNK {
+            label = match name.as_str() {
+                "" => h.kind.label().to_string(),
+                name => format!("{} '{name}'", h.kind.label()),
+            };
+        }
         self.pos += h.payload_len;
         self.last_label = label.clone();
         let corrupt = |label: &str, reason: String| SnapshotError::Corrupt {
@@ -336,6 +343,7 @@ impl<R: Read> ImageReader<R> {
                 if flags & END_HAS_INDEX != 0 {
                     self.read_trailer()?;
                 }
+                self.expect_eof()?;
                 self.ended = true;
                 self.owner = Owner::None;
                 Section::End
@@ -415,6 +423,29 @@ impl<R: Read> ImageReader<R> {
             Owner::None => return Err(bad("a chunk that follows no memory or disk section")),
         }
         Ok(())
+    }
+
+    /// The image ends with END (and its trailer): anything after it means
+    /// the file is not one image (two concatenated, or appended to), so
+    /// what it holds is not what the writer wrote.
+    fn expect_eof(&mut self) -> Result<(), SnapshotError> {
+        let mut extra = [0u8; 1];
+        loop {
+            match self.r.read(&mut extra) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    return Err(SnapshotError::Corrupt {
+                        section: "end".into(),
+                        reason: format!(
+                            "data follows the image's end at byte {} (two images in one file, or bytes appended)",
+                            self.pos
+                        ),
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(SnapshotError::Read(e)),
+            }
+        }
     }
 
     /// Reads and checks the INDEX record and the footer after END.
