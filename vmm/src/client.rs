@@ -19,6 +19,8 @@ pub enum ClientError {
         #[source]
         source: curl::Error,
     },
+    #[error("the VMM at {sock} went away during {doing} (was it killed? see its log)")]
+    WentAway { sock: String, doing: &'static str },
     #[error("cannot write the response")]
     Write(#[source] std::io::Error),
     #[error("{0}")]
@@ -82,10 +84,27 @@ pub fn request(
             if e.is_couldnt_connect() {
                 return Err(ClientError::NoVmm(name));
             }
+            if e.is_got_nothing() || e.is_recv_error() || e.is_send_error() || e.is_partial_file() {
+                return Err(ClientError::WentAway {
+                    sock: name,
+                    doing: doing(path),
+                });
+            }
             return Err(failed(e));
         }
     }
     easy.response_code().map_err(failed)
+}
+
+/// What a request to `path` is, in words.
+fn doing(path: &str) -> &'static str {
+    match path.split('?').next().unwrap_or(path) {
+        "/vm/snapshot" | "/vm/checkpoint" => "the snapshot",
+        p if p.starts_with("/agent/exec") => "the command",
+        "/vm/pause" => "the pause",
+        "/vm/resume" => "the resume",
+        _ => "the request",
+    }
 }
 
 /// The `error` of a JSON error body, or the body.

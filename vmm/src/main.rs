@@ -11,6 +11,12 @@ use vmm::boot::VmConfig;
 use vmm::events::{SnapshotBody, SnapshotOptions};
 use vmm::runner;
 
+/// Runs before Rust's runtime replaces a closed stdout with /dev/null, so
+/// that `--out -` can refuse a closed stdout instead of losing the image.
+#[used]
+#[link_section = ".init_array"]
+static NOTE_CLOSED_STDOUT: extern "C" fn() = vmm::terminal::note_closed_stdout;
+
 #[derive(Parser)]
 #[command(
     name = "vmm",
@@ -268,9 +274,11 @@ impl<W: std::io::Write> std::io::Write for Tail<W> {
 fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
     if args.out == "-" {
         let req = SnapshotBody::new(None, args.options);
-        let stdout = std::io::stdout();
+        if vmm::terminal::stdout_was_closed() {
+            anyhow::bail!("--out -: stdout is closed; redirect it to where the image should go");
+        }
         let mut tail = Tail {
-            inner: stdout.lock(),
+            inner: std::io::stdout().lock(),
             last: Vec::new(),
             bytes: 0,
         };

@@ -1,5 +1,8 @@
 //! Puts the controlling terminal into raw mode while a guest console is attached,
-//! so keys reach the guest as typed, and restores it afterwards.
+//! so keys reach the guest as typed, and restores it afterwards; and what
+//! the standard descriptors were when the process started.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Restores the saved terminal settings when dropped.
 pub struct RawTerminal {
@@ -48,4 +51,24 @@ pub fn size() -> Option<(u16, u16)> {
         return None;
     }
     (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Whether stdout was closed when the process started. Rust's runtime puts
+/// /dev/null on a closed stdin, stdout or stderr before `main`, so an image
+/// streamed to a closed stdout would vanish without an error; `main` runs
+/// [`note_closed_stdout`] from `.init_array`, before the runtime does that.
+static STDOUT_CLOSED_AT_START: AtomicBool = AtomicBool::new(false);
+
+/// Records whether stdout is closed; meant to run before Rust's runtime
+/// starts (see `main.rs`).
+pub extern "C" fn note_closed_stdout() {
+    // SAFETY: F_GETFD only queries this process's descriptor table.
+    if unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFD) } == -1 {
+        STDOUT_CLOSED_AT_START.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether stdout was closed when the process started.
+pub fn stdout_was_closed() -> bool {
+    STDOUT_CLOSED_AT_START.load(Ordering::Relaxed)
 }
