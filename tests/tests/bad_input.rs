@@ -1,5 +1,6 @@
 //! Bad input ends in a one-line error naming the problem and a non-zero exit.
 
+use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 use vmm_tests::{kvm_available, run_vmm, Scratch};
 
@@ -114,6 +115,25 @@ fn run_vmm_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     )
 }
 
+/// `vmm run` with `args` and an API socket at `sock`, once the socket
+/// answers.
+fn with_api<'a>(
+    dir: &std::path::Path,
+    mut args: Vec<&'a str>,
+    sock: &'a str,
+) -> vmm_tests::Running {
+    args.extend_from_slice(&["--api-sock", sock]);
+    let mut vm = vmm_tests::Running::spawn(&args, dir);
+    assert!(
+        vm.wait_for(Duration::from_secs(30), |_| {
+            std::os::unix::net::UnixStream::connect(sock).is_ok()
+        }),
+        "{}",
+        vm.stderr()
+    );
+    vm
+}
+
 /// The default kernel with 64 MiB and an API socket (plus `extra` flags),
 /// once the socket is up: a real VM to snapshot, cheaply, since an image of
 /// a kernel a moment after it starts is as good as any for these checks.
@@ -121,15 +141,7 @@ fn kernel_with_api(dir: &std::path::Path, sock: &str, extra: &[&str]) -> vmm_tes
     let kernel = vmm_tests::guest_dir().join("vmlinux");
     let mut args = vec!["run", "--kernel", kernel.to_str().unwrap(), "--mem", "64"];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["--api-sock", sock]);
-    let mut vm = vmm_tests::Running::spawn(&args, dir);
-    assert!(
-        vm.wait_for(Duration::from_secs(30), |_| std::path::Path::new(sock)
-            .exists()),
-        "{}",
-        vm.stderr()
-    );
-    vm
+    with_api(dir, args, sock)
 }
 
 /// A VMM that is gone, an unwritable destination, and damaged images: each a
@@ -218,6 +230,13 @@ fn bad_images_and_failed_snapshots() {
         assert_one_line_error(&["restore", "--from", &p], "truncated");
         assert_one_line_error(&["inspect", "--verify", &p], "truncated");
     }
+    // Bytes after the end: refused, not ignored (FORMAT.md: nothing
+    // follows the footer).
+    let mut longer = good.clone();
+    longer.extend_from_slice(b"appended");
+    let p = write("longer.img", &longer);
+    assert_one_line_error(&["inspect", "--verify", &p], "data follows the image's end");
+    assert_one_line_error(&["restore", "--from", &p], "data follows the image's end");
     let mut flipped = good.clone();
     let mid = good.len() / 2;
     flipped[mid] ^= 0x10;
@@ -349,4 +368,178 @@ fn full_destination_and_changed_disk() {
         &["restore", "--from", img.to_str().unwrap()],
         "no longer matches",
     );
+}
+
+/// The test guest, ticking long enough for the checks below, with an API
+/// socket: a running VM in well under a second.
+fn test_guest_with_api(dir: &std::path::Path, sock: &str) -> vmm_tests::Running {
+    let kernel = vmm_tests::workspace().join("target/test-guest.elf");
+    let kernel = kernel.to_str().unwrap().to_string();
+    with_api(
+        dir,
+        vec!["run", "--kernel", &kernel, "--cmdline", "ticks=100000"],
+        sock,
+    )
+}
+
+/// What is at a path the user names stays the user's: `--api-sock` takes
+/// over only a stale socket, `--out` replaces only a regular file (through a
+/// symbolic link, its target), a dead writer's temporary file is cleaned
+/// up, a closed stdout fails `--out -`, a VMM that dies mid-request is
+/// named as such.
+#[test]
+fn files_of_the_user_are_never_destroyed() {
+    if !kvm_available("files_of_the_user_are_never_destroyed") {
+        return;
+    }
+    let s = Scratch::new("user-files");
+    let kernel = vmm_tests::workspace().join("target/test-guest.elf");
+    let kernel = kernel.to_str().unwrap();
+    let notes = s.0.join("notes.txt");
+    std::fs::write(&notes, "data\n").unwrap();
+    let notes = notes.to_str().unwrap();
+    assert_one_line_error(
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--cmdline",
+            "exit=0",
+            "--api-sock",
+            notes,
+        ],
+        "exists and is not a socket: refusing to replace it",
+    );
+    assert_eq!(std::fs::read_to_string(notes).unwrap(), "data\n");
+
+    // A stale socket (nobody listens) is taken over, and removed at exit.
+    let sock = s.0.join("api.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let sock = sock.to_str().unwrap();
+    let o = run_vmm(
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--cmdline",
+            "exit=0",
+            "--api-sock",
+            sock,
+        ],
+        b"",
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert!(!std::path::Path::new(sock).exists());
+    drop(std::os::unix::net::UnixListener::bind(sock).unwrap());
+    let vm = test_guest_with_api(&s.0, sock);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(sock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the API socket is for its owner only");
+    // A live one is not.
+    assert_one_line_error(
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--cmdline",
+            "exit=0",
+            "--api-sock",
+            sock,
+        ],
+        "another VMM is already listening",
+    );
+
+    let snapshot = |out: &str| {
+        run_vmm(
+            &["snapshot", "--api-sock", sock, "--out", out],
+            b"",
+            Duration::from_secs(60),
+        )
+    };
+    for (out, what) in [
+        ("/dev/null", "is a device, not a regular file"),
+        (s.0.to_str().unwrap(), "is a directory, not a regular file"),
+    ] {
+        assert_one_line_error(&["snapshot", "--api-sock", sock, "--out", out], what);
+    }
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+    let dangling = s.0.join("dangling");
+    std::os::unix::fs::symlink(s.0.join("nowhere"), &dangling).unwrap();
+    assert_one_line_error(
+        &[
+            "snapshot",
+            "--api-sock",
+            sock,
+            "--out",
+            dangling.to_str().unwrap(),
+        ],
+        "symbolic link to nothing",
+    );
+
+    // Through a link: the link stays, its target gets the image.
+    let target = s.0.join("img-1");
+    std::fs::write(&target, "old").unwrap();
+    let latest = s.0.join("latest");
+    std::os::unix::fs::symlink("img-1", &latest).unwrap();
+    // A temporary file left by a writer killed midway (no such PID, no lock).
+    let stale = s.0.join(".img-1.tmp.4194304");
+    std::fs::write(&stale, "partial").unwrap();
+    let o = snapshot(latest.to_str().unwrap());
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert!(std::fs::symlink_metadata(&latest)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let image = std::fs::read(&target).unwrap();
+    assert!(snapshot::ImageReader::new(&image[..]).is_ok());
+    assert!(
+        !stale.exists(),
+        "the dead writer's temporary file is still there"
+    );
+
+    // --out - with stdout closed fails instead of losing the image.
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec '{}' snapshot --api-sock '{sock}' --out - >&-",
+            vmm_tests::vmm_bin().display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("stdout is closed"), "{err}");
+
+    // A VMM that dies during a snapshot is named as gone.
+    let pid = vm.pid();
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let out = s.0.join("never.img");
+    let client = std::process::Command::new(vmm_tests::vmm_bin())
+        .args([
+            "snapshot",
+            "--api-sock",
+            sock,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let o = vm.kill();
+    assert!(o.status.is_none(), "{o:?}");
+    let o = client.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("went away during the snapshot"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!out.exists());
 }
