@@ -543,3 +543,64 @@ fn files_of_the_user_are_never_destroyed() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(!out.exists());
 }
+
+/// One HTTP/1.1 request on a fresh connection; the whole response.
+fn http(sock: &str, request: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(sock)?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(request.as_bytes())?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Clients that connect and say nothing, a body that never finishes, a
+/// 1 GiB body and 100 connections at once: the VM keeps running and a good
+/// request still gets its answer within a second.
+#[test]
+fn the_api_survives_misbehaving_clients() {
+    use std::io::Write;
+    if !kvm_available("the_api_survives_misbehaving_clients") {
+        return;
+    }
+    let s = Scratch::new("api-clients");
+    let sock = s.0.join("api.sock");
+    let sock = sock.to_str().unwrap();
+    let vm = test_guest_with_api(&s.0, sock);
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(std::os::unix::net::UnixStream::connect(sock).unwrap());
+    }
+    // Headers, then a body that stops short: its request never completes.
+    let mut slow = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    slow.write_all(b"PUT /vm/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"a\":")
+        .unwrap();
+    // A gigabyte announced: refused at once, before any of it is read.
+    let huge = http(
+        sock,
+        "PUT /vm/snapshot HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert!(huge.starts_with("HTTP/1.1 413"), "{huge}");
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        let answer = http(
+            sock,
+            "GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\"vcpus\""), "{answer}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "GET /vm took {:?} with misbehaving clients around",
+            t0.elapsed()
+        );
+    }
+    drop(held);
+    drop(slow);
+    let o = vm.kill();
+    assert!(o.status.is_none(), "the VMM ended by itself: {o:?}");
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+}

@@ -30,6 +30,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -125,6 +126,71 @@ pub struct VmInfo {
     pub started: Instant,
 }
 
+/// Requests answered at once, without a thread: too many at a time, or a
+/// body larger than any request needs.
+fn refuse_early(request: &tiny_http::Request, ctx: &Context) -> Option<(u16, String)> {
+    if ctx.handlers.load(Ordering::Acquire) >= MAX_REQUESTS_AT_ONCE {
+        return Some((
+            503,
+            format!("{MAX_REQUESTS_AT_ONCE} requests are already being served; try again"),
+        ));
+    }
+    match request.body_length() {
+        Some(n) if n as u64 > MAX_BODY && !is_upgrade(request) => Some((
+            413,
+            format!("a request body of {n} bytes; the limit is {MAX_BODY}"),
+        )),
+        _ => None,
+    }
+}
+
+fn is_upgrade(request: &tiny_http::Request) -> bool {
+    request
+        .headers()
+        .iter()
+        .any(|h| h.field.equiv("Upgrade") && h.value.as_str().eq_ignore_ascii_case(EXEC_PROTOCOL))
+}
+
+/// Reads one request's body, routes it and answers it.
+fn handle(mut request: tiny_http::Request, ctx: &Context) {
+    let upgrade = is_upgrade(&request);
+    // A request that asks for an upgrade keeps its whole connection as its
+    // body: read only what it declared.
+    let declared = request.body_length().unwrap_or(0) as u64;
+    let limit = if upgrade { declared } else { MAX_BODY };
+    let mut body = Vec::new();
+    if let Err(e) = Read::take(request.as_reader(), limit).read_to_end(&mut body) {
+        log::warn!("API: cannot read a request body: {e}");
+        return;
+    }
+    let method = request.method().clone();
+    let url = request.url().to_string();
+    match route(&method, &url, &body, upgrade, ctx) {
+        Routed::Json(code, body) => {
+            if let Err(e) = request.respond(json_response(code, &body)) {
+                log::warn!("API: cannot send a response: {e}");
+            }
+        }
+        // A stream lasts as long as its producer.
+        Routed::Stream(reader, headers) => {
+            let mut hs = vec![header("Content-Type: application/octet-stream")];
+            hs.extend(headers.iter().map(|h| header(h)));
+            let response =
+                tiny_http::Response::new(tiny_http::StatusCode(200), hs, reader, None, None);
+            if let Err(e) = request.respond(response) {
+                log::warn!("API: cannot send a response: {e}");
+            }
+        }
+        Routed::Upgrade(headers, session) => {
+            let mut response = tiny_http::Response::empty(101);
+            for h in &headers {
+                response = response.with_header(header(h));
+            }
+            session(request.upgrade(EXEC_PROTOCOL, response));
+        }
+    }
+}
+
 /// Serves the socket on its own thread; removes the socket file when
 /// dropped, if it is still the one it bound.
 pub struct ApiServer {
@@ -152,77 +218,37 @@ impl ApiServer {
             })?,
         );
         let s = server.clone();
-        let ctx = Context {
+        let ctx = Arc::new(Context {
             info,
             events,
             agent,
             execs: Arc::new(Mutex::new(HashMap::new())),
-        };
+            handlers: AtomicUsize::new(0),
+        });
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                for mut request in s.incoming_requests() {
-                    let upgrade = request.headers().iter().any(|h| {
-                        h.field.equiv("Upgrade")
-                            && h.value.as_str().eq_ignore_ascii_case(EXEC_PROTOCOL)
-                    });
-                    // A request that asks for an upgrade keeps its whole
-                    // connection as its body: read only what it declared.
-                    let declared = request.body_length().unwrap_or(0) as u64;
-                    let limit = if upgrade { declared } else { MAX_BODY };
-                    let mut body = Vec::new();
-                    let read = Read::take(request.as_reader(), limit).read_to_end(&mut body);
-                    if let Err(e) = read {
-                        log::warn!("API: cannot read a request body: {e}");
+                // Each request is read and answered on a thread of its own:
+                // a client that sends its body slowly (or never) holds only
+                // that thread, and the API goes on serving the others.
+                for request in s.incoming_requests() {
+                    if let Some((code, why)) = refuse_early(&request, &ctx) {
+                        let answer = json_response(code, &serde_json::json!({ "error": why }));
+                        if let Err(e) = request.respond(answer) {
+                            log::warn!("API: cannot send a response: {e}");
+                        }
                         continue;
                     }
-                    let method = request.method().clone();
-                    let url = request.url().to_string();
-                    match route(&method, &url, &body, upgrade, &ctx) {
-                        Routed::Json(code, body) => {
-                            if let Err(e) = request.respond(json_response(code, &body)) {
-                                log::warn!("API: cannot send a response: {e}");
-                            }
-                        }
-                        // A stream lasts as long as its producer: sent from
-                        // a thread of its own, so the API goes on serving.
-                        Routed::Stream(reader, headers) => {
-                            let respond = move || {
-                                let mut hs = vec![header("Content-Type: application/octet-stream")];
-                                hs.extend(headers.iter().map(|h| header(h)));
-                                let response = tiny_http::Response::new(
-                                    tiny_http::StatusCode(200),
-                                    hs,
-                                    reader,
-                                    None,
-                                    None,
-                                );
-                                if let Err(e) = request.respond(response) {
-                                    log::warn!("API: cannot send a response: {e}");
-                                }
-                            };
-                            if let Err(e) = std::thread::Builder::new()
-                                .name("api-stream".into())
-                                .spawn(respond)
-                            {
-                                log::error!("API: cannot start a thread for a stream: {e}");
-                            }
-                        }
-                        Routed::Upgrade(headers, session) => {
-                            let run = move || {
-                                let mut response = tiny_http::Response::empty(101);
-                                for h in &headers {
-                                    response = response.with_header(header(h));
-                                }
-                                session(request.upgrade(EXEC_PROTOCOL, response));
-                            };
-                            if let Err(e) = std::thread::Builder::new()
-                                .name("api-session".into())
-                                .spawn(run)
-                            {
-                                log::error!("API: cannot start a thread for a session: {e}");
-                            }
-                        }
+                    let ctx = ctx.clone();
+                    ctx.handlers.fetch_add(1, Ordering::AcqRel);
+                    let spawned = std::thread::Builder::new()
+                        .name("api-request".into())
+                        .spawn(move || {
+                            handle(request, &ctx);
+                            ctx.handlers.fetch_sub(1, Ordering::AcqRel);
+                        });
+                    if let Err(e) = spawned {
+                        log::error!("API: cannot start a thread for a request: {e}");
                     }
                 }
             })
@@ -287,10 +313,16 @@ struct Context {
     agent: AgentChannel,
     /// Streamed execs still running, by id, for their input.
     execs: Arc<Mutex<HashMap<u64, ExecHandle>>>,
+    /// Requests being served now, each on its thread.
+    handlers: AtomicUsize,
 }
 
 /// The largest request body read (exec input comes in pieces far smaller).
 const MAX_BODY: u64 = 16 << 20;
+
+/// Requests served at once (streams and exec sessions included); more are
+/// answered 503 at once.
+const MAX_REQUESTS_AT_ONCE: usize = 64;
 
 /// How long the agent may take to answer a ping, freeze or thaw.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
