@@ -32,3 +32,7 @@ echo "run-all: build and lints done after $(($(date +%s) - start)) s"
 # guests never fight over the 2 cores and time out.
 cargo test --release --workspace -- --test-threads=1
 echo "run-all: all tests passed after $(($(date +%s) - start)) s"
+
+# The parsers of untrusted input, fuzzed for a bounded time on every run.
+bash tests/fuzz.sh
+echo "run-all: fuzzing done after $(($(date +%s) - start)) s"

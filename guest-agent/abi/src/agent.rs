@@ -369,6 +369,56 @@ mod tests {
     use super::local::*;
     use super::*;
 
+    /// Writes the seeds of the `read_frame` fuzz target (guest-agent/abi/
+    /// fuzz) when FRAME_FUZZ_SEEDS names a directory: one stream of frames
+    /// of every kind.
+    #[test]
+    fn write_fuzz_seeds() {
+        let Some(dir) = std::env::var_os("FRAME_FUZZ_SEEDS") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let frames = [
+            Frame::Hello {
+                version: 1,
+                generation: 2,
+            },
+            Frame::Welcome { version: 1 },
+            Frame::Request {
+                id: 3,
+                body: Request::Ping,
+            },
+            Frame::Response {
+                id: 3,
+                body: Ok(Reply::Pong { generation: 2 }),
+            },
+            Frame::Output {
+                id: 4,
+                fd: 1,
+                data: b"hello\n".to_vec(),
+            },
+            Frame::Input {
+                id: 4,
+                data: b"x".to_vec(),
+            },
+            Frame::Resize {
+                id: 4,
+                rows: 24,
+                cols: 80,
+            },
+            Frame::Signal { id: 4, signal: 15 },
+        ];
+        let mut all = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let mut one = Vec::new();
+            write_frame(&mut one, f).unwrap();
+            std::fs::write(dir.join(format!("frame-{i}")), &one).unwrap();
+            all.extend_from_slice(&one);
+        }
+        std::fs::write(dir.join("all"), &all).unwrap();
+    }
+
     #[test]
     fn a_failed_start_exits_as_a_shell_says() {
         let f = |errno| Failure {
