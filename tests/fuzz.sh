@@ -25,8 +25,13 @@ fuzz() {
     work=$(mktemp -d)
     log=$(mktemp)
     # New inputs go to a scratch corpus; the committed seeds are read only.
+    # No leak checks: std::thread::scope returns once its threads' closures
+    # end, before their thread-local destructors have run, and LeakSanitizer
+    # then reports glibc's TLS-destructor record of an exiting worker
+    # (32 bytes from __cxa_thread_atexit_impl, not reproducible from the
+    # input alone). Panics, overflows and out-of-bounds are what we hunt.
     if ! (cd "$dir" && cargo +nightly fuzz run --release "$target" "$work" "fuzz/corpus/$target" -- \
-        -max_total_time="$secs" -print_final_stats=1 -rss_limit_mb=2048) >"$log" 2>&1; then
+        -max_total_time="$secs" -print_final_stats=1 -rss_limit_mb=2048 -detect_leaks=0) >"$log" 2>&1; then
         tail -n 40 "$log"
         echo "fuzz: $dir $target FAILED (reproducer under $dir/fuzz/artifacts/$target/)"
         exit 1
