@@ -24,8 +24,14 @@ use crate::{command, freeze};
 const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `received`: when the request arrived; the host's time in it is that
-/// old by the time the clock is set.
-pub fn after_restore(agent: &Agent, ar: &AfterRestore, received: Instant) -> Reply {
+/// old by the time the clock is set. `hooks`: [`restore_hooks`], looked up
+/// when the request arrived.
+pub fn after_restore(
+    agent: &Agent,
+    ar: &AfterRestore,
+    received: Instant,
+    hooks: Vec<std::path::PathBuf>,
+) -> Reply {
     let t0 = Instant::now();
     let mut steps = Vec::new();
     let mut step = |name: &str, since: &mut Instant| {
@@ -51,7 +57,7 @@ pub fn after_restore(agent: &Agent, ar: &AfterRestore, received: Instant) -> Rep
     step("generation", &mut t);
     agent.notify.after_restore();
     step("signals", &mut t);
-    let hooks = run_hooks(generation, &ar.image);
+    let hooks = run_hooks(hooks, generation, &ar.image);
     step("hooks", &mut t);
     agent.answer_orphans(&ar.image);
     Reply::Restored {
@@ -73,7 +79,7 @@ pub fn write_generation(generation: u64) {
 }
 
 /// The executables in `dir`, in name order.
-pub fn hooks_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+fn hooks_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -91,9 +97,14 @@ pub fn hooks_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// Runs each hook in turn, with VMM_GENERATION and VMM_IMAGE set; their
 /// output goes to the console. Returns how many ran.
-fn run_hooks(generation: u64, image: &str) -> u32 {
+/// The restore hooks to run, in order.
+pub fn restore_hooks() -> Vec<std::path::PathBuf> {
+    hooks_in(std::path::Path::new(RESTORE_HOOKS_DIR))
+}
+
+fn run_hooks(hooks: Vec<std::path::PathBuf>, generation: u64, image: &str) -> u32 {
     let mut ran = 0;
-    for hook in hooks_in(std::path::Path::new(RESTORE_HOOKS_DIR)) {
+    for hook in hooks {
         let inherited = std::env::vars_os().map(|(k, v)| {
             use std::os::unix::ffi::OsStringExt;
             (k.into_vec(), v.into_vec())
