@@ -212,7 +212,13 @@ impl std::fmt::Display for Report {
             self.cpu_signature.1,
             self.cpu_signature.2
         )?;
-        writeln!(f, "created      {} (unix seconds)", self.created_unix)?;
+        let created = i64::try_from(self.created_unix)
+            .ok()
+            .and_then(|s| chrono::DateTime::from_timestamp(s, 0));
+        match created {
+            Some(t) => writeln!(f, "created      {}", t.format("%Y-%m-%d %H:%M:%S UTC"))?,
+            None => writeln!(f, "created      {} (unix seconds)", self.created_unix)?,
+        }
         match &self.parent_id {
             Some(p) => writeln!(f, "kind         incremental, parent {p}")?,
             None => writeln!(f, "kind         full")?,

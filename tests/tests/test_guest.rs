@@ -185,21 +185,49 @@ fn restore_carries_on_where_it_stopped() {
             orig.output(),
             orig.stderr()
         );
-        let snap = vmm_tests::vmm_in(
-            &s.0,
-            &[
-                "snapshot",
-                "--api-sock",
-                "api.sock",
-                "--out",
-                "img",
-                "--stop",
-            ],
-        );
+        // One vCPU: the answer as JSON, for tools; four: the line for people.
+        let json = n == 1;
+        let mut args = vec![
+            "snapshot",
+            "--api-sock",
+            "api.sock",
+            "--out",
+            "img",
+            "--stop",
+        ];
+        if json {
+            args.push("--json");
+        }
+        let snap = vmm_tests::vmm_in(&s.0, &args);
         assert!(
             snap.status.success(),
             "{}",
             String::from_utf8_lossy(&snap.stderr)
+        );
+        let said = String::from_utf8_lossy(&snap.stdout).into_owned();
+        assert_eq!(said.lines().count(), 1, "{said}");
+        if json {
+            let v: serde_json::Value = serde_json::from_str(&said).unwrap();
+            assert_eq!(v["memory_pages"], 65536, "{said}");
+            assert!(v["bytes"].as_u64().unwrap() > 1000, "{said}");
+        } else {
+            assert!(
+                said.starts_with("snapshot ")
+                    && said.contains(&format!("written to {}", s.0.join("img").display()))
+                    && said.contains("for 256.0 MiB of memory")
+                    && said.contains("VM paused"),
+                "{said}"
+            );
+        }
+        let report = vmm_tests::vmm_in(&s.0, &["inspect", "img"]);
+        let report = String::from_utf8_lossy(&report.stdout).into_owned();
+        let created = report
+            .lines()
+            .find_map(|l| l.strip_prefix("created      "))
+            .unwrap_or_default();
+        assert!(
+            created.len() == 23 && created.ends_with(" UTC") && created.starts_with("20"),
+            "inspect shows the creation time as a date: {report}"
         );
         let orig = orig.finish(Duration::from_secs(30));
         assert_eq!(

@@ -210,6 +210,10 @@ struct SnapshotArgs {
     /// Where the image goes: a file (written atomically) or - for stdout.
     #[arg(long)]
     out: String,
+    /// Print the VMM's answer as JSON instead of a line (with --out -, on
+    /// stderr, since stdout carries the image).
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     options: SnapshotOptions,
 }
@@ -272,6 +276,7 @@ impl<W: std::io::Write> std::io::Write for Tail<W> {
 }
 
 fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
     if args.out == "-" {
         let req = SnapshotBody::new(None, args.options);
         if vmm::terminal::stdout_was_closed() {
@@ -303,6 +308,17 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
                 tail.bytes
             );
         }
+        let secs = started.elapsed().as_secs_f64();
+        let line = if args.json {
+            serde_json::json!({ "destination": "stdout", "bytes": tail.bytes, "total_ms": secs * 1000.0 })
+                .to_string()
+        } else {
+            format!(
+                "snapshot written to stdout: {} in {secs:.2} s",
+                mib(tail.bytes)
+            )
+        };
+        std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes())?;
         return Ok(0);
     }
     let out = PathBuf::from(&args.out);
@@ -324,8 +340,48 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
     if code != 200 {
         anyhow::bail!("snapshot failed: {}", vmm::client::error_text(&body));
     }
-    log::info!("{}", String::from_utf8_lossy(&body));
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let line = if args.json {
+        answer.to_string()
+    } else {
+        snapshot_line(&answer)
+    };
+    std::io::Write::write_all(&mut std::io::stdout(), format!("{line}\n").as_bytes())?;
     Ok(0)
+}
+
+/// One line for a person: what was written where, how small, how long the
+/// VM was paused.
+fn snapshot_line(a: &serde_json::Value) -> String {
+    let num = |k: &str| a[k].as_f64().unwrap_or(0.0);
+    let bytes = num("bytes") as u64;
+    let memory = num("memory_pages") * 4096.0;
+    let ratio = if bytes > 0 {
+        format!(
+            " for {} of memory ({:.0}x smaller)",
+            mib(memory as u64),
+            memory / bytes as f64
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "snapshot {} written to {}: {}{ratio}; VM paused {:.0} ms, {:.0} ms in all",
+        a["image_id"].as_str().unwrap_or("?"),
+        a["destination"].as_str().unwrap_or("?"),
+        mib(bytes),
+        num("total_ms"),
+        num("prepare_ms") + num("freeze_ms") + num("total_ms") + num("resume_thaw_ms"),
+    )
+}
+
+/// "5.6 MiB", "312 KiB".
+fn mib(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    } else {
+        format!("{} KiB", bytes.div_ceil(1024))
+    }
 }
 
 /// An image to read: a file, or stdin for `-`.
