@@ -604,3 +604,52 @@ fn the_api_survives_misbehaving_clients() {
     assert!(o.status.is_none(), "the VMM ended by itself: {o:?}");
     assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
 }
+
+/// What `vmm ARGS` prints on a terminal (a pseudo-terminal from
+/// `script`) within `wait`; then it and its children are killed.
+fn on_a_terminal(args: &str, wait: Duration) -> String {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let cmd = format!("{} {args}", vmm_tests::vmm_bin().display());
+    let mut child = std::process::Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("script (util-linux) runs");
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    std::thread::sleep(wait);
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
+    let _ = child.wait();
+    String::from_utf8_lossy(&reader.join().unwrap()).into_owned()
+}
+
+/// A Linux boot on a host without hardware virtualization says once, on a
+/// terminal, that it will be slow; --quiet and a non-terminal stderr don't.
+#[test]
+fn a_slow_boot_says_so_on_a_terminal() {
+    if !kvm_available("a_slow_boot_says_so_on_a_terminal") {
+        return;
+    }
+    let note = "the guest kernel is interpreted: booting takes about a minute";
+    let interpreted = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let said = on_a_terminal("run --cold -- true", Duration::from_secs(3));
+    assert_eq!(said.contains(note), interpreted, "{said}");
+    assert!(said.matches(note).count() <= 1, "{said}");
+    let quiet = on_a_terminal("run --cold --quiet -- true", Duration::from_secs(3));
+    assert!(!quiet.contains(note), "{quiet}");
+    // Not a terminal: nothing of the sort either.
+    let s = Scratch::new("slow-boot-note");
+    let mut vm = vmm_tests::Running::spawn(&["run", "--cold", "--", "true"], &s.0);
+    vm.wait_for(Duration::from_secs(3), |_| false);
+    let o = vm.kill();
+    assert!(!o.stderr.contains(note), "{}", o.stderr);
+}

@@ -1,5 +1,6 @@
 //! `vmm`: the command-line front end.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -189,6 +190,10 @@ struct RunArgs {
     /// agent start, exit; ms from process start) as a JSON line on stderr at exit.
     #[arg(long)]
     timings: bool,
+    /// Say nothing of our own on stderr but errors (no note that the boot
+    /// will be slow on a host without hardware virtualization).
+    #[arg(long, short)]
+    quiet: bool,
     /// Boot, even if a warm image of this machine is cached (and save none).
     #[arg(long)]
     cold: bool,
@@ -573,6 +578,23 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
             }
             Err(e) => log::warn!("no warm start: {}", chain(&e)),
         }
+    }
+    // A person at a terminal waiting on a Linux boot (our command line, so
+    // our kernel) should know why it takes a minute, once.
+    if !args.quiet
+        && cfg.cmdline.is_none()
+        && std::io::stderr().is_terminal()
+        && vmm::arch::cpuid::CpuTemplate::detect() == vmm::arch::cpuid::CpuTemplate::Interpreted
+    {
+        let later = if opts.start.as_ref().is_some_and(|p| p.save_warm.is_some()) {
+            "; later runs start from a warm image in about 2 s"
+        } else {
+            ""
+        };
+        let note = format!(
+            "vmm: this host has no hardware virtualization, so the guest kernel is interpreted: booting takes about a minute{later}\n"
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), note.as_bytes());
     }
     let finished = runner::run(cfg, &opts, start).context("cannot run the VM")?;
     Ok(report(finished, timings))
