@@ -431,3 +431,101 @@ fn a_signal_or_the_api_checkpoints_into_the_snapshot_dir() {
         "{err}"
     );
 }
+
+/// `vmm run --name` puts the API socket where `vmm ps`, `vmm snapshot NAME`,
+/// `vmm pause|resume|stop NAME` find it; a name in use is refused, a dead
+/// VM's socket is cleaned up and its name can be used again.
+#[test]
+fn named_vms_are_found_by_name() {
+    if !kvm_available("named_vms_are_found_by_name") {
+        return;
+    }
+    let s = vmm_tests::Scratch::new("tg-names");
+    let rt = s.0.join("rt");
+    let k = test_guest();
+    let run = [
+        "run",
+        "--kernel",
+        &k,
+        "--cmdline",
+        "ticks=100000",
+        "--name",
+        "t1",
+    ];
+    let env = [("VMM_RUNTIME_DIR", rt.as_path())];
+    let vmm = |args: &[&str]| {
+        let o = std::process::Command::new(vmm_tests::vmm_bin())
+            .args(args)
+            .env("VMM_RUNTIME_DIR", &rt)
+            .current_dir(&s.0)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let sock = rt.join("t1.sock");
+    let up = |vm: &mut vmm_tests::Running| {
+        assert!(
+            vm.wait_for(Duration::from_secs(30), |_| {
+                std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            }),
+            "{}",
+            vm.stderr()
+        );
+    };
+    let mut vm = vmm_tests::Running::spawn_env(&run, &s.0, &env);
+    up(&mut vm);
+
+    let (code, _, err) = vmm(&run);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the name 't1' is taken"), "{err}");
+
+    let (_, out, err) = vmm(&["ps", "--json"]);
+    let list: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}{err}"));
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(list[0]["name"], "t1");
+    assert_eq!(list[0]["pid"], vm.pid());
+    assert_eq!(list[0]["vcpus"], 1);
+    assert_eq!(list[0]["state"], "running");
+    let (_, out, _) = vmm(&["ps"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("t1 ") && l.contains("running")),
+        "{out}"
+    );
+
+    assert_eq!(vmm(&["pause", "t1"]).1.trim(), "paused");
+    let (_, out, _) = vmm(&["ps"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("t1 ") && l.contains("paused")),
+        "{out}"
+    );
+    assert_eq!(vmm(&["resume", "t1"]).1.trim(), "running");
+    let (code, out, err) = vmm(&["snapshot", "t1", "--out", "img"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("snapshot "), "{out}");
+    let (code, _, err) = vmm(&["pause", "nobody"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no VM is named 'nobody'"), "{err}");
+
+    // Killed: its socket stays behind until ps notices nobody answers.
+    let o = vm.kill();
+    assert!(o.status.is_none(), "{o:?}");
+    assert!(sock.exists());
+    let (_, out, _) = vmm(&["ps", "--json"]);
+    assert_eq!(out.trim(), "[]");
+    assert!(!sock.exists(), "ps removes a dead VM's socket");
+
+    // The name is free again; stop ends that VM cleanly.
+    let mut vm = vmm_tests::Running::spawn_env(&run, &s.0, &env);
+    up(&mut vm);
+    assert_eq!(vmm(&["stop", "t1"]).1.trim(), "stopping");
+    let o = vm.finish(Duration::from_secs(30));
+    assert_eq!(o.status, Some(0), "{}", o.stderr);
+    assert!(!sock.exists(), "the VMM removes its socket at exit");
+}

@@ -124,6 +124,18 @@ pub struct VmInfo {
     pub kernel: String,
     pub rootfs: Option<String>,
     pub started: Instant,
+    /// `vmm run --name`'s, if any.
+    pub name: Option<String>,
+    /// What the VM is doing, as the main thread last said
+    /// ([`VmInfo::set_state`]); read without asking it, so a listing
+    /// answers during a long snapshot too.
+    pub state: Arc<Mutex<&'static str>>,
+}
+
+impl VmInfo {
+    pub fn set_state(state: &Mutex<&'static str>, now: &'static str) {
+        *state.lock().unwrap_or_else(PoisonError::into_inner) = now;
+    }
 }
 
 /// Requests answered at once, without a thread: too many at a time, or a
@@ -581,6 +593,9 @@ fn route(
                 "rootfs": info.rootfs,
                 "uptime_ms": info.started.elapsed().as_millis() as u64,
                 "vmm_version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "name": info.name,
+                "state": *info.state.lock().unwrap_or_else(PoisonError::into_inner),
             }),
         ),
         (Put, "/vm/shutdown") => {
@@ -659,6 +674,8 @@ mod tests {
             kernel: "k".into(),
             rootfs: None,
             started: Instant::now(),
+            name: None,
+            state: Arc::new(Mutex::new("running")),
         }
     }
 

@@ -35,6 +35,7 @@ pub mod image;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod names;
 pub mod runner;
 pub mod state;
 pub mod terminal;

@@ -43,6 +43,18 @@ enum Command {
     Agent(AgentArgs),
     /// Show or remove the warm images `vmm run` starts from.
     Cache(CacheArgs),
+    /// List the running VMs that have a name (vmm run --name).
+    Ps {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a running VM now (its vmm exits).
+    Stop(Target),
+    /// Stop a running VM's vCPUs until `vmm resume`.
+    Pause(Target),
+    /// Let a paused VM run again.
+    Resume(Target),
 }
 
 #[derive(clap::Args)]
@@ -80,6 +92,11 @@ struct ControlArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Name the VM: its API socket goes to the standard place (/run/vmm/NAME.sock
+    /// as root, else $XDG_RUNTIME_DIR/vmm/NAME.sock), where `vmm ps`, `vmm
+    /// snapshot NAME`, `vmm agent NAME`, `vmm stop NAME`, ... find it.
+    #[arg(long, conflicts_with = "api_sock")]
+    name: Option<String>,
     /// Where checkpoints go that the guest asks for (vmm-ckpt,
     /// vmm_checkpoint()), that --checkpoint-on's signal or
     /// PUT /vm/checkpoint asks for: DIR/NAME.vmm. Without it they are refused.
@@ -106,8 +123,22 @@ impl ControlArgs {
             Some(dir) => anyhow::bail!("--snapshot-dir {}: not a directory", dir.display()),
             None => None,
         };
+        let api_sock = match &self.name {
+            Some(name) => {
+                let path = vmm::names::socket_for_new(name)?;
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    anyhow::bail!(
+                        "the name '{name}' is taken: a VM answers on {}",
+                        path.display()
+                    );
+                }
+                Some(path)
+            }
+            None => self.api_sock,
+        };
         Ok(runner::RunOptions {
-            api_sock: self.api_sock,
+            api_sock,
+            name: self.name,
             snapshot_dir,
             checkpoint_on: self.checkpoint_on,
             start: None,
@@ -115,11 +146,35 @@ impl ControlArgs {
     }
 }
 
+/// Which running VM a command is for: its name, or its API socket.
+#[derive(clap::Args)]
+struct Target {
+    /// The VM's name (vmm run --name NAME).
+    #[arg(
+        value_name = "NAME",
+        required_unless_present = "api_sock",
+        conflicts_with = "api_sock"
+    )]
+    name: Option<String>,
+    /// The running VMM's API socket, instead of a name.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> anyhow::Result<PathBuf> {
+        match (&self.name, &self.api_sock) {
+            (Some(name), _) => Ok(vmm::names::socket_of(name)?),
+            (None, Some(path)) => Ok(path.clone()),
+            (None, None) => anyhow::bail!("name the VM, or give --api-sock PATH"),
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct AgentArgs {
-    /// The running VMM's API socket.
-    #[arg(long)]
-    api_sock: PathBuf,
+    #[command(flatten)]
+    target: Target,
     #[command(subcommand)]
     command: AgentCommand,
 }
@@ -209,9 +264,8 @@ struct RunArgs {
 
 #[derive(clap::Args)]
 struct SnapshotArgs {
-    /// The running VMM's API socket.
-    #[arg(long)]
-    api_sock: PathBuf,
+    #[command(flatten)]
+    target: Target,
     /// Where the image goes: a file (written atomically) or - for stdout.
     #[arg(long)]
     out: String,
@@ -282,6 +336,7 @@ impl<W: std::io::Write> std::io::Write for Tail<W> {
 
 fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
+    let sock = args.target.socket()?;
     if args.out == "-" {
         let req = SnapshotBody::new(None, args.options);
         if vmm::terminal::stdout_was_closed() {
@@ -293,7 +348,7 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
             bytes: 0,
         };
         let code = vmm::client::request(
-            &args.api_sock,
+            &sock,
             "PUT",
             "/vm/snapshot",
             serde_json::to_string(&req)?.as_bytes(),
@@ -335,7 +390,7 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
     let req = SnapshotBody::new(Some(abs), args.options);
     let mut body = Vec::new();
     let code = vmm::client::request(
-        &args.api_sock,
+        &sock,
         "PUT",
         "/vm/snapshot",
         serde_json::to_string(&req)?.as_bytes(),
@@ -459,7 +514,7 @@ fn inspect_cmd(args: InspectArgs) -> anyhow::Result<i32> {
 
 fn agent_cmd(args: AgentArgs) -> anyhow::Result<i32> {
     use std::io::Write;
-    let sock = &args.api_sock;
+    let sock = &args.target.socket()?;
     let call = |path: &str| vmm::client::json(sock, "PUT", path, &serde_json::json!({}));
     let text = match args.command {
         AgentCommand::Ping => {
@@ -710,6 +765,63 @@ fn cache_cmd(args: CacheArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `vmm stop|pause|resume NAME`: one API call, its state on stdout.
+fn lifecycle_cmd(target: &Target, path: &str) -> anyhow::Result<i32> {
+    let sock = target.socket()?;
+    let v = vmm::client::json(&sock, "PUT", path, &serde_json::json!({}))?;
+    let state = v["state"].as_str().unwrap_or("?");
+    std::io::Write::write_all(&mut std::io::stdout(), format!("{state}\n").as_bytes())?;
+    Ok(0)
+}
+
+/// `vmm ps`: the named VMs that answer, one line each; sockets nobody
+/// answers on are left by VMs that died, and removed.
+fn ps_cmd(json: bool) -> anyhow::Result<i32> {
+    let dir = vmm::names::runtime_dir();
+    let mut vms = Vec::new();
+    for (name, path) in vmm::names::list(&dir) {
+        match vmm::client::json(&path, "GET", "/vm", &serde_json::json!({})) {
+            Ok(v) => vms.push(v),
+            Err(vmm::client::ClientError::NoVmm(_)) => {
+                if std::os::unix::net::UnixStream::connect(&path).is_err() {
+                    log::info!("{name}: nobody answers on {}, removed", path.display());
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            Err(e) => log::warn!("{name}: {e}"),
+        }
+    }
+    let text = if json {
+        format!("{}\n", serde_json::Value::Array(vms))
+    } else {
+        let mut t = format!(
+            "{:<16} {:>8} {:>5} {:>8} {:<12} {:>8}  {}\n",
+            "NAME", "PID", "VCPUS", "MEMORY", "STATE", "UPTIME", "KERNEL / ROOTFS"
+        );
+        for v in &vms {
+            let uptime = std::time::Duration::from_millis(v["uptime_ms"].as_u64().unwrap_or(0));
+            let now = std::time::SystemTime::now();
+            t.push_str(&format!(
+                "{:<16} {:>8} {:>5} {:>8} {:<12} {:>8}  {}{}\n",
+                v["name"].as_str().unwrap_or("?"),
+                v["pid"].to_string(),
+                v["vcpus"].to_string(),
+                format!("{} MiB", v["mem_mib"]),
+                v["state"].as_str().unwrap_or("?"),
+                ago(now, now - uptime),
+                v["kernel"].as_str().unwrap_or("?"),
+                v["rootfs"]
+                    .as_str()
+                    .map(|r| format!(" on {r}"))
+                    .unwrap_or_default(),
+            ));
+        }
+        t
+    };
+    std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
+    Ok(0)
+}
+
 /// "5 s", "3 min", "2 h", "4 d" before `now`.
 fn ago(now: std::time::SystemTime, then: std::time::SystemTime) -> String {
     let s = now.duration_since(then).unwrap_or_default().as_secs();
@@ -733,9 +845,16 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ) {
         e.exit();
     }
-    let text = e.to_string();
-    let first = text.lines().next().unwrap_or("bad command line");
-    eprintln!("vmm: {first} (see vmm --help)");
+    // One line: clap's first line, with what it lists on the indented
+    // lines below (the missing arguments) joined to it.
+    let text = e.render().to_string();
+    let mut lines = text.lines();
+    let mut line = lines.next().unwrap_or("bad command line").to_string();
+    for more in lines.take_while(|l| l.starts_with("  ")) {
+        line.push(' ');
+        line.push_str(more.trim());
+    }
+    eprintln!("vmm: {line} (see vmm --help)");
     ExitCode::from(2)
 }
 
@@ -755,6 +874,10 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect_cmd(args),
         Command::Agent(args) => agent_cmd(args),
         Command::Cache(args) => cache_cmd(args),
+        Command::Ps { json } => ps_cmd(json),
+        Command::Stop(t) => lifecycle_cmd(&t, "/vm/shutdown"),
+        Command::Pause(t) => lifecycle_cmd(&t, "/vm/pause"),
+        Command::Resume(t) => lifecycle_cmd(&t, "/vm/resume"),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

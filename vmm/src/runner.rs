@@ -5,7 +5,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::api::{ApiError, ApiServer, VmInfo};
@@ -63,6 +63,8 @@ pub struct Finished {
 pub struct RunOptions {
     /// Serve the API on this socket.
     pub api_sock: Option<PathBuf>,
+    /// The VM's name (`--name`), reported by the API.
+    pub name: Option<String>,
     /// Where checkpoints asked for by the guest, a signal or
     /// `PUT /vm/checkpoint` go; without it they are refused.
     pub snapshot_dir: Option<PathBuf>,
@@ -186,6 +188,7 @@ fn run_machine(
     start: Instant,
 ) -> Result<Finished, RunError> {
     let config = machine.config().clone();
+    let state = Arc::new(Mutex::new("starting"));
     if let Some(signal) = opts.checkpoint_on {
         checkpoint::on_signal(signal, events_tx.clone()).map_err(RunError::Checkpoint)?;
     }
@@ -202,6 +205,8 @@ fn run_machine(
                         .first()
                         .map(|(_, d)| d.path().display().to_string()),
                     started: start,
+                    name: opts.name.clone(),
+                    state: state.clone(),
                 },
                 events_tx,
                 machine.agent().clone(),
@@ -217,6 +222,7 @@ fn run_machine(
     let console_done = Arc::new(AtomicBool::new(false));
     spawn_console_input(machine.devices().clone(), console_done.clone())?;
     machine.resume()?;
+    VmInfo::set_state(&state, lifecycle_name(machine.lifecycle()));
     log::info!("vCPUs running {:?} after start", start.elapsed());
 
     let mut pending_start = opts.start.clone();
@@ -226,7 +232,14 @@ fn run_machine(
         match events_rx.recv() {
             Ok(VmEvent::Stop(reason)) => break reason,
             Ok(VmEvent::Request { request, reply }) => {
+                if matches!(
+                    request,
+                    ApiRequest::Snapshot(_) | ApiRequest::Checkpoint { .. }
+                ) {
+                    VmInfo::set_state(&state, "snapshotting");
+                }
                 let (answer, stop) = serve(&mut machine, request, opts.snapshot_dir.as_deref());
+                VmInfo::set_state(&state, lifecycle_name(machine.lifecycle()));
                 let _ = reply.send(answer);
                 if stop {
                     break StopReason::Requested;
@@ -260,6 +273,16 @@ fn run_machine(
         status,
         timings: machine.timeline().report(),
     })
+}
+
+/// The lifecycle state as the API reports it.
+fn lifecycle_name(l: Lifecycle) -> &'static str {
+    match l {
+        Lifecycle::Created => "created",
+        Lifecycle::Running => "running",
+        Lifecycle::Paused => "paused",
+        Lifecycle::Exited => "exited",
+    }
 }
 
 /// Hands the waiting agent its command, after saving a warm image of the
