@@ -138,10 +138,11 @@ impl VmInfo {
     }
 }
 
-/// Requests answered at once, without a thread: too many at a time, or a
+/// Requests refused without reading their body: too many at a time, or a
 /// body larger than any request needs.
 fn refuse_early(request: &tiny_http::Request, ctx: &Context) -> Option<(u16, String)> {
-    if ctx.handlers.load(Ordering::Acquire) >= MAX_REQUESTS_AT_ONCE {
+    // This request's own thread counts too.
+    if ctx.handlers.load(Ordering::Acquire) > MAX_REQUESTS_AT_ONCE {
         return Some((
             503,
             format!("{MAX_REQUESTS_AT_ONCE} requests are already being served; try again"),
@@ -240,23 +241,28 @@ impl ApiServer {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                // Each request is read and answered on a thread of its own:
-                // a client that sends its body slowly (or never) holds only
-                // that thread, and the API goes on serving the others.
+                // Each request is read and answered on a thread of its own,
+                // refusals included: a client that sends its body slowly (or
+                // never) holds only that thread, and the API goes on serving
+                // the others. (Dropping a request whose body is unread makes
+                // tiny_http read the rest of it, so even a refused one must
+                // not be dropped here.)
                 for request in s.incoming_requests() {
-                    if let Some((code, why)) = refuse_early(&request, &ctx) {
-                        let answer = json_response(code, &serde_json::json!({ "error": why }));
-                        if let Err(e) = request.respond(answer) {
-                            log::warn!("API: cannot send a response: {e}");
-                        }
-                        continue;
-                    }
                     let ctx = ctx.clone();
                     ctx.handlers.fetch_add(1, Ordering::AcqRel);
                     let spawned = std::thread::Builder::new()
                         .name("api-request".into())
                         .spawn(move || {
-                            handle(request, &ctx);
+                            match refuse_early(&request, &ctx) {
+                                Some((code, why)) => {
+                                    let answer =
+                                        json_response(code, &serde_json::json!({ "error": why }));
+                                    if let Err(e) = request.respond(answer) {
+                                        log::warn!("API: cannot send a response: {e}");
+                                    }
+                                }
+                                None => handle(request, &ctx),
+                            }
                             ctx.handlers.fetch_sub(1, Ordering::AcqRel);
                         });
                     if let Err(e) = spawned {
