@@ -37,6 +37,7 @@ pub mod machine;
 pub mod memory;
 pub mod names;
 pub mod runner;
+pub mod seccomp;
 pub mod state;
 pub mod terminal;
 pub mod timeline;
