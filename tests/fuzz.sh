@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzes the parsers of untrusted input, FUZZ_SECONDS (default 60) each,
-# from their committed seeds: the image reader (snapshot/fuzz) and the
-# control channel's frames (guest-agent/abi/fuzz). Installs cargo-fuzz if
-# it is missing; needs the nightly toolchain (libFuzzer, sanitizers).
+# from their committed seeds: the image reader (snapshot/fuzz), the
+# control channel's frames (guest-agent/abi/fuzz) and the API's requests
+# (vmm/fuzz). Installs cargo-fuzz if it is missing; needs the nightly
+# toolchain (libFuzzer, sanitizers).
 # Prints libFuzzer's figures per target; a crash fails the run, and its
 # reproducer (under CRATE/fuzz/artifacts/TARGET/) belongs in the target's
 # corpus once fixed.
@@ -44,3 +45,4 @@ fuzz() {
 
 fuzz snapshot read_image
 fuzz guest-agent/abi read_frame
+fuzz vmm parse_request

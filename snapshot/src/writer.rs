@@ -1,6 +1,8 @@
 //! Writes an image to any `Write`, never seeking.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -129,6 +131,9 @@ pub struct ImageWriter<W: Write> {
     write_index: bool,
     summary: WriteSummary,
     incremental: bool,
+    /// Bytes of memory and disk written so far (stored or found clean),
+    /// for a progress display.
+    progress: Option<Arc<AtomicU64>>,
 }
 
 impl<W: Write> ImageWriter<W> {
@@ -141,6 +146,7 @@ impl<W: Write> ImageWriter<W> {
             write_index: true,
             summary: WriteSummary::default(),
             incremental: header.is_incremental(),
+            progress: None,
         };
         w.out.put(&MAGIC)?;
         w.out.put(&FORMAT_VERSION.to_le_bytes())?;
@@ -233,6 +239,13 @@ impl<W: Write> ImageWriter<W> {
             self.out.put(p)?;
         }
         Ok(())
+    }
+
+    /// Counts into `done` the bytes of memory and disks written from now
+    /// on, chunk by chunk as they are stored (or found zero or clean), so
+    /// another thread can show how far the image has got.
+    pub fn report_progress(&mut self, done: Arc<AtomicU64>) {
+        self.progress = Some(done);
     }
 
     /// Writes a serde value (postcard) as a state section: VM (`Kind::VM`),
@@ -364,6 +377,7 @@ impl<W: Write> ImageWriter<W> {
         let threads = threads_or_cores(opts.threads).min(nchunks).max(1);
         let mut stats = ChunkStats::default();
         let mut next = 0;
+        let progress = self.progress.clone();
         // Chunks handed out but not yet written: enough to keep every
         // worker busy while this thread writes, and a bound on memory.
         workers::map_in_order(
@@ -376,6 +390,9 @@ impl<W: Write> ImageWriter<W> {
             },
             |(enc, buf), i| job.encode(i, enc, buf),
             |chunk: Option<EncodedChunk>| {
+                if let Some(p) = &progress {
+                    p.fetch_add(chunk_bytes, Ordering::Relaxed);
+                }
                 if let Some(c) = chunk {
                     let cref = (c.header.space, c.header.base, c.header.pages);
                     self.write_record(

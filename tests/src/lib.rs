@@ -337,3 +337,39 @@ pub fn vmm_agent(sock: &Path, args: &[&str], stdin: &[u8]) -> std::process::Outp
     drop(input);
     child.wait_with_output().expect("wait for vmm agent")
 }
+
+/// What `vmm ARGS` prints on a terminal (a pseudo-terminal from `script`),
+/// run in `dir` with `env` added, within `wait`; then it and its children
+/// are killed.
+pub fn on_a_terminal(
+    args: &str,
+    dir: Option<&Path>,
+    env: &[(&str, &str)],
+    wait: Duration,
+) -> String {
+    use std::os::unix::process::CommandExt;
+    let cmd = format!("{} {args}", vmm_bin().display());
+    let mut command = Command::new("script");
+    command
+        .args(["-qfec", &cmd, "/dev/null"])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .process_group(0);
+    if let Some(d) = dir {
+        command.current_dir(d);
+    }
+    let mut child = command.spawn().expect("script (util-linux) runs");
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    std::thread::sleep(wait);
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
+    let _ = child.wait();
+    String::from_utf8_lossy(&reader.join().unwrap()).into_owned()
+}

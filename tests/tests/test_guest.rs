@@ -529,3 +529,243 @@ fn named_vms_are_found_by_name() {
     assert_eq!(o.status, Some(0), "{}", o.stderr);
     assert!(!sock.exists(), "the VMM removes its socket at exit");
 }
+
+/// The threads of a running VMM and whether each is under a seccomp
+/// filter and no_new_privs (which Landlock sets): (name, seccomp mode,
+/// no_new_privs).
+fn threads_of(pid: u32) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |f: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        out.push((field("Name:"), field("Seccomp:"), field("NoNewPrivs:")));
+    }
+    out
+}
+
+/// Every thread of a running VMM is confined (seccomp mode 2, and Landlock's
+/// no_new_privs), whatever its kind; the VMM writes images only into its
+/// --snapshot-dir, refusing another path before the VM pauses, and
+/// `vmm snapshot --out` writes there itself from the VMM's stream, with the
+/// same answer. --no-seccomp --no-landlock lift both.
+#[test]
+fn every_thread_is_confined_and_images_go_where_allowed() {
+    if !kvm_available("every_thread_is_confined_and_images_go_where_allowed") {
+        return;
+    }
+    let s = vmm_tests::Scratch::new("tg-confined");
+    let snaps = s.0.join("snaps");
+    std::fs::create_dir_all(&snaps).unwrap();
+    let k = test_guest();
+    let start = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--kernel",
+            &k,
+            "--vcpus",
+            "2",
+            "--cmdline",
+            "ticks=100000",
+            "--api-sock",
+            "api.sock",
+            "--snapshot-dir",
+            "snaps",
+        ];
+        args.extend_from_slice(extra);
+        let mut vm = vmm_tests::Running::spawn(&args, &s.0);
+        assert!(
+            vm.wait_for(Duration::from_secs(30), |o| ticks(o).len() >= 2),
+            "{}",
+            vm.stderr()
+        );
+        vm
+    };
+    // PUT /vm/snapshot over the socket: status and JSON answer.
+    let http = |body: &str| -> (u32, serde_json::Value) {
+        use std::io::{Read, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(s.0.join("api.sock")).unwrap();
+        write!(
+            c,
+            "PUT /vm/snapshot HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let json = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
+        (code, serde_json::from_str(json).unwrap_or_default())
+    };
+
+    let vm = start(&[]);
+    let threads = threads_of(vm.pid());
+    let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+    for expected in [
+        "vmm",
+        "vcpu0",
+        "vcpu1",
+        "devices",
+        "agent",
+        "api",
+        "console-in",
+    ] {
+        assert!(names.contains(&expected), "{threads:?}");
+    }
+    for (name, seccomp, nnp) in &threads {
+        assert_eq!(
+            (seccomp.as_str(), nnp.as_str()),
+            ("2", "1"),
+            "thread {name} is not confined: {threads:?}"
+        );
+    }
+    // Into the snapshot directory: the VMM writes it.
+    let inside = snaps.join("in.img");
+    let (code, answer) = http(&format!(r#"{{"path":"{}"}}"#, inside.display()));
+    assert_eq!(code, 200, "{answer}");
+    assert!(inside.exists());
+    // Elsewhere: refused up front, nothing written, the VM still runs.
+    let outside = s.0.join("out.img");
+    let (code, answer) = http(&format!(r#"{{"path":"{}"}}"#, outside.display()));
+    assert_eq!(code, 403, "{answer}");
+    let why = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("writes images only into") && why.contains(&snaps.display().to_string()),
+        "{why}"
+    );
+    assert!(std::fs::read_dir(&s.0).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("out.img")));
+    // The CLI writes it itself, and says what the VMM said.
+    let o = vmm_tests::vmm_in(
+        &s.0,
+        &[
+            "snapshot",
+            "--api-sock",
+            "api.sock",
+            "--out",
+            "out.img",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["memory_pages"], 65536, "{v}");
+    assert_eq!(v["destination"], outside.display().to_string(), "{v}");
+    assert!(
+        v["image_id"].as_str().is_some_and(|id| id.len() == 32),
+        "{v}"
+    );
+    assert_eq!(
+        std::fs::metadata(&outside).unwrap().len(),
+        v["bytes"].as_u64().unwrap(),
+        "{v}"
+    );
+    let verify = vmm_tests::vmm_in(&s.0, &["inspect", "--verify", "out.img"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let o = vm.kill();
+    assert!(o.status.is_none(), "{}", o.stderr);
+
+    // Unconfined: no filter, and the VMM writes anywhere.
+    let vm = start(&["--no-seccomp", "--no-landlock"]);
+    let threads = threads_of(vm.pid());
+    assert!(threads.iter().all(|t| t.1 == "0"), "{threads:?}");
+    let anywhere = s.0.join("anywhere.img");
+    let (code, answer) = http(&format!(r#"{{"path":"{}"}}"#, anywhere.display()));
+    assert_eq!(code, 200, "{answer}");
+    assert!(anywhere.exists());
+    vm.kill();
+}
+
+/// On a terminal, `vmm snapshot` and `vmm restore` show a progress bar for
+/// work that takes a while (here: at once, VMM_PROGRESS_AFTER_MS=0) and
+/// then their one-line result; `vmm restore --json` says it as JSON, and
+/// off a terminal there is no bar.
+#[test]
+fn snapshot_and_restore_show_progress_on_a_terminal() {
+    if !kvm_available("snapshot_and_restore_show_progress_on_a_terminal") {
+        return;
+    }
+    let s = vmm_tests::Scratch::new("tg-progress");
+    let k = test_guest();
+    let mut vm = vmm_tests::Running::spawn(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--mem",
+            "1024",
+            "--cmdline",
+            "ticks=100000 dirty=256,pattern=mix,rewrite=0",
+            "--api-sock",
+            "api.sock",
+        ],
+        &s.0,
+    );
+    assert!(
+        vm.wait_for(Duration::from_secs(60), |o| ticks(o).len() >= 2),
+        "{}",
+        vm.stderr()
+    );
+    let now = [("VMM_PROGRESS_AFTER_MS", "0")];
+    let said = vmm_tests::on_a_terminal(
+        "snapshot --api-sock api.sock --out img",
+        Some(&s.0),
+        &now,
+        Duration::from_secs(8),
+    );
+    assert!(said.contains("snapshot ["), "a bar: {said:?}");
+    assert!(said.contains("B/s, "), "a rate: {said:?}");
+    assert!(
+        said.contains("snapshot ") && said.contains("written to") && said.contains("VM paused"),
+        "the result: {said:?}"
+    );
+    vm.kill();
+
+    let said = vmm_tests::on_a_terminal(
+        "restore --from img --disk-dir .",
+        Some(&s.0),
+        &now,
+        Duration::from_secs(4),
+    );
+    assert!(said.contains("restoring ["), "a bar: {said:?}");
+    assert!(
+        said.contains("vmm: restored ") && said.contains("1024 MiB of memory, 1 vCPU, in "),
+        "the result: {said:?}"
+    );
+    // Off a terminal: the line, no bar; --json: the answer as JSON.
+    let mut r = vmm_tests::Running::spawn_env(
+        &["restore", "--from", "img", "--json"],
+        &s.0,
+        &[("VMM_PROGRESS_AFTER_MS", std::path::Path::new("0"))],
+    );
+    // The line comes before the guest runs again.
+    assert!(
+        r.wait_for(Duration::from_secs(30), |o| !ticks(o).is_empty()),
+        "{}",
+        r.stderr()
+    );
+    let err = r.stderr();
+    r.kill();
+    let first = err.lines().next().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|_| panic!("{err}"));
+    assert_eq!(v["mem_mib"], 1024, "{v}");
+    assert_eq!(v["image_id"].as_str().map(str::len), Some(32), "{v}");
+    assert!(!err.contains("restoring ["), "{err}");
+}

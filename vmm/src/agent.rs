@@ -112,6 +112,10 @@ impl AgentChannel {
         std::thread::Builder::new()
             .name("agent".into())
             .spawn(move || {
+                // Fail closed: unconfined, no agent is served.
+                if !crate::seccomp::confine_or_log(crate::seccomp::ThreadKind::Agent) {
+                    return;
+                }
                 for stream in connections {
                     s.clone().accept(stream);
                 }
@@ -461,6 +465,7 @@ fn failure_for_guest(f: ApiFailure) -> Failure {
         ApiFailure::BadRequest(m) => (libc::EINVAL, m),
         ApiFailure::Conflict(m) => (libc::EPERM, m),
         ApiFailure::Failed(m) => (libc::EIO, m),
+        ApiFailure::Forbidden(m) => (libc::EACCES, m),
     };
     Failure { errno, message }
 }

@@ -9,7 +9,9 @@
 //!   (written atomically); answers with what was written. With
 //!   `"stream": true` instead of a path, the response body *is* the image
 //!   (chunked), so it can go through a pipe: this is how `vmm snapshot
-//!   --out -` works.
+//!   --out -` works (and `--out PATH` where Landlock keeps the VMM from
+//!   writing). What was written (the answer to a path) follows the image
+//!   as the trailer field `X-Snapshot-Answer`.
 //! - `PUT /vm/checkpoint` with `{"name": "t1"}` (optional): checkpoint into
 //!   `--snapshot-dir`, as the guest's `vmm-ckpt` does.
 //! - `PUT /vm/shutdown`: stop the VM now; `vmm` exits.
@@ -26,22 +28,24 @@
 //!   reach it meanwhile. This is how `vmm agent exec` works.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use guest_abi::agent::{write_frame, ExecRequest, Failure, Frame, Reply, Request};
 use serde::Deserialize;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::{AgentChannel, AgentError, ExecHandle, Incoming};
 use crate::events::{
     ApiFailure, ApiRequest, SnapshotBody, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
 };
+use crate::http;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -130,6 +134,8 @@ pub struct VmInfo {
     /// ([`VmInfo::set_state`]); read without asking it, so a listing
     /// answers during a long snapshot too.
     pub state: Arc<Mutex<&'static str>>,
+    /// How far the image being written has got, if one is.
+    pub progress: Arc<crate::image::Progress>,
 }
 
 impl VmInfo {
@@ -138,69 +144,79 @@ impl VmInfo {
     }
 }
 
-/// Requests refused without reading their body: too many at a time, or a
-/// body larger than any request needs.
-fn refuse_early(request: &tiny_http::Request, ctx: &Context) -> Option<(u16, String)> {
-    // This request's own thread counts too.
-    if ctx.handlers.load(Ordering::Acquire) > MAX_REQUESTS_AT_ONCE {
-        return Some((
-            503,
-            format!("{MAX_REQUESTS_AT_ONCE} requests are already being served; try again"),
-        ));
-    }
-    match request.body_length() {
-        Some(n) if n as u64 > MAX_BODY && !is_upgrade(request) => Some((
-            413,
-            format!("a request body of {n} bytes; the limit is {MAX_BODY}"),
-        )),
-        _ => None,
-    }
-}
-
-fn is_upgrade(request: &tiny_http::Request) -> bool {
+fn is_upgrade(request: &http::Request) -> bool {
     request
-        .headers()
-        .iter()
-        .any(|h| h.field.equiv("Upgrade") && h.value.as_str().eq_ignore_ascii_case(EXEC_PROTOCOL))
+        .header("Upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case(EXEC_PROTOCOL))
 }
 
-/// Reads one request's body, routes it and answers it.
-fn handle(mut request: tiny_http::Request, ctx: &Context) {
-    let upgrade = is_upgrade(&request);
-    // A request that asks for an upgrade keeps its whole connection as its
-    // body: read only what it declared.
-    let declared = request.body_length().unwrap_or(0) as u64;
-    let limit = if upgrade { declared } else { MAX_BODY };
-    let mut body = Vec::new();
-    if let Err(e) = Read::take(request.as_reader(), limit).read_to_end(&mut body) {
-        log::warn!("API: cannot read a request body: {e}");
-        return;
+/// Serves one request: refuses it unread if too many are being served or
+/// its body is larger than any request needs; otherwise reads its body,
+/// routes it and answers it.
+fn handle(mut request: http::Request, ctx: &Context) {
+    let answer = |request: http::Request, code: u16, why: String| {
+        if let Err(e) = request.respond_json(code, &serde_json::json!({ "error": why })) {
+            log::warn!("API: cannot send a response: {e}");
+        }
+    };
+    // This request counts too.
+    let _serving = Serving::new(&ctx.handlers);
+    if ctx.handlers.load(Ordering::Acquire) > MAX_REQUESTS_AT_ONCE {
+        let why = format!("{MAX_REQUESTS_AT_ONCE} requests are already being served; try again");
+        return answer(request, 503, why);
     }
-    let method = request.method().clone();
-    let url = request.url().to_string();
-    match route(&method, &url, &body, upgrade, ctx) {
-        Routed::Json(code, body) => {
-            if let Err(e) = request.respond(json_response(code, &body)) {
-                log::warn!("API: cannot send a response: {e}");
-            }
+    let declared = match request.body_length() {
+        Ok(n) if n > MAX_BODY => {
+            let why = format!("a request body of {n} bytes; the limit is {MAX_BODY}");
+            return answer(request, 413, why);
         }
+        Ok(n) => n,
+        Err(why) => return answer(request, 411, why),
+    };
+    let body = match request.read_body(declared) {
+        Ok(b) => b,
+        Err(e) => {
+            log::warn!("API: cannot read a request body: {e}");
+            return;
+        }
+    };
+    let upgrade = is_upgrade(&request);
+    let (method, url) = (request.method.clone(), request.path.clone());
+    let sent = match route(&method, &url, &body, upgrade, ctx) {
+        Routed::Json(code, body) => request.respond_json(code, &body),
         // A stream lasts as long as its producer.
-        Routed::Stream(reader, headers) => {
-            let mut hs = vec![header("Content-Type: application/octet-stream")];
-            hs.extend(headers.iter().map(|h| header(h)));
-            let response =
-                tiny_http::Response::new(tiny_http::StatusCode(200), hs, reader, None, None);
-            if let Err(e) = request.respond(response) {
-                log::warn!("API: cannot send a response: {e}");
-            }
+        Routed::Stream(reader, headers, answer) => {
+            let _streaming = Serving::new(&ctx.streams);
+            let trailer = answer.map(|rx| -> http::Trailer {
+                let value = move || match rx.recv_timeout(STREAMED_ANSWER_TIMEOUT) {
+                    Ok(Ok(v)) => v.to_string(),
+                    Ok(Err(f)) => serde_json::json!({ "error": f.message() }).to_string(),
+                    Err(_) => serde_json::json!({ "error": "no answer came" }).to_string(),
+                };
+                (ANSWER_TRAILER, Box::new(value))
+            });
+            request.respond_stream(&headers, reader, trailer)
         }
-        Routed::Upgrade(headers, session) => {
-            let mut response = tiny_http::Response::empty(101);
-            for h in &headers {
-                response = response.with_header(header(h));
-            }
-            session(request.upgrade(EXEC_PROTOCOL, response));
-        }
+        Routed::Upgrade(headers, session) => request.upgrade(EXEC_PROTOCOL, &headers).map(session),
+    };
+    if let Err(e) = sent {
+        log::warn!("API: cannot send a response: {e}");
+    }
+}
+
+/// Counts a request (or a stream) being served for as long as it lives.
+struct Serving<'a>(&'a AtomicUsize);
+
+impl<'a> Serving<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Serving(count)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -212,8 +228,14 @@ pub struct ApiServer {
     /// since (by the user, or a VMM that took over a path we left) is not
     /// removed at exit.
     identity: (u64, u64),
-    server: Arc<tiny_http::Server>,
+    /// Ends the accepting thread.
+    stop: Arc<EventFd>,
+    ctx: Arc<Context>,
 }
+
+/// How long the VMM, ending, waits for streamed answers still on their way
+/// (a snapshot's image and its trailer, taken with --stop).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ApiServer {
     pub fn start(
@@ -222,69 +244,69 @@ impl ApiServer {
         events: Sender<VmEvent>,
         agent: AgentChannel,
     ) -> Result<Self, ApiError> {
+        let listen_err = |source| ApiError::Listen {
+            path: path.display().to_string(),
+            source,
+        };
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(listen_err)?);
         claim_socket_path(path)?;
         let (listener, identity) = listen(path)?;
-        let server = Arc::new(
-            tiny_http::Server::from_listener(listener, None).map_err(|e| ApiError::Listen {
-                path: path.display().to_string(),
-                source: std::io::Error::other(e.to_string()),
-            })?,
-        );
-        let s = server.clone();
         let ctx = Arc::new(Context {
             info,
             events,
             agent,
             execs: Arc::new(Mutex::new(HashMap::new())),
             handlers: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
         });
+        // Each connection is served on a thread of its own (`api-request`,
+        // started by this one, so under its filter), from its first byte:
+        // a client that sends slowly, or never, holds only that thread.
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let (stop2, ctx2) = (stop.clone(), ctx.clone());
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                // Each request is read and answered on a thread of its own,
-                // refusals included: a client that sends its body slowly (or
-                // never) holds only that thread, and the API goes on serving
-                // the others. (Dropping a request whose body is unread makes
-                // tiny_http read the rest of it, so even a refused one must
-                // not be dropped here.)
-                for request in s.incoming_requests() {
-                    let ctx = ctx.clone();
-                    ctx.handlers.fetch_add(1, Ordering::AcqRel);
-                    let spawned = std::thread::Builder::new()
-                        .name("api-request".into())
-                        .spawn(move || {
-                            match refuse_early(&request, &ctx) {
-                                Some((code, why)) => {
-                                    let answer =
-                                        json_response(code, &serde_json::json!({ "error": why }));
-                                    if let Err(e) = request.respond(answer) {
-                                        log::warn!("API: cannot send a response: {e}");
-                                    }
-                                }
-                                None => handle(request, &ctx),
-                            }
-                            ctx.handlers.fetch_sub(1, Ordering::AcqRel);
-                        });
-                    if let Err(e) = spawned {
-                        log::error!("API: cannot start a thread for a request: {e}");
-                    }
+                let confined = crate::seccomp::confine_this_thread(crate::seccomp::ThreadKind::Api)
+                    .map_err(|e| std::io::Error::other(crate::error_chain(&e)));
+                let failed = confined.is_err();
+                let _ = ready_tx.send(confined);
+                if failed {
+                    return;
+                }
+                let handler: Arc<dyn Fn(http::Request) + Send + Sync> =
+                    Arc::new(move |request| handle(request, &ctx2));
+                if let Err(e) = http::serve(listener, &stop2, handler) {
+                    log::error!("API: the server stopped: {e}");
                 }
             })
-            .map_err(|source| ApiError::Listen {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(listen_err)?;
+        let ready = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the API thread ended")));
+        if let Err(e) = ready {
+            // The socket is ours, just bound: nobody will serve it.
+            let _ = std::fs::remove_file(path);
+            return Err(listen_err(e));
+        }
         Ok(ApiServer {
             path: path.to_path_buf(),
             identity,
-            server,
+            stop,
+            ctx,
         })
     }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.server.unblock();
+        let _ = self.stop.write(1);
+        // Answers on their way (the end of a snapshot's stream, taken with
+        // --stop) get there before the process ends.
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.ctx.streams.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let ours = std::fs::symlink_metadata(&self.path)
             .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
         if ours {
@@ -293,33 +315,19 @@ impl Drop for ApiServer {
     }
 }
 
-fn header(h: &str) -> tiny_http::Header {
-    h.parse().unwrap_or_else(|()| {
-        tiny_http::Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).expect("static header")
-    })
-}
-
-fn json_response(
-    code: u16,
-    body: &serde_json::Value,
-) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    tiny_http::Response::from_string(body.to_string())
-        .with_status_code(code)
-        .with_header(header("Content-Type: application/json"))
-}
-
 /// How a request is answered.
 enum Routed {
     Json(u16, serde_json::Value),
-    /// The body streams from this pipe until its writer closes it.
-    Stream(std::io::PipeReader, Vec<String>),
+    /// The body streams from this pipe until its writer closes it; then
+    /// the answer, if one is awaited, follows as the trailer
+    /// [`ANSWER_TRAILER`].
+    Stream(std::io::PipeReader, Vec<String>, Option<Receiver<Answer>>),
     /// 101 Switching Protocols with these headers, then the session owns
-    /// the connection (written to as things happen, flushed each time:
-    /// tiny_http's chunked bodies are buffered).
+    /// the connection (written to as things happen).
     Upgrade(Vec<String>, Session),
 }
 
-type Session = Box<dyn FnOnce(Box<dyn tiny_http::ReadWrite + Send>) + Send>;
+type Session = Box<dyn FnOnce(UnixStream) + Send>;
 
 /// The protocol a streamed exec switches to: the agent's frames.
 pub const EXEC_PROTOCOL: &str = "vmm-exec";
@@ -333,6 +341,8 @@ struct Context {
     execs: Arc<Mutex<HashMap<u64, ExecHandle>>>,
     /// Requests being served now, each on its thread.
     handlers: AtomicUsize,
+    /// Streamed answers being sent now.
+    streams: AtomicUsize,
 }
 
 /// The largest request body read (exec input comes in pieces far smaller).
@@ -349,9 +359,9 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const EXEC_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The body of `PUT /agent/exec`.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ExecBody {
+pub struct ExecBody {
     argv: Vec<String>,
     #[serde(default)]
     env: Vec<String>,
@@ -368,31 +378,150 @@ struct ExecBody {
     stream: bool,
 }
 
-#[derive(Deserialize)]
+impl ExecBody {
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
+    /// Answered as a stream of frames rather than once it ends.
+    pub fn streamed(&self) -> bool {
+        self.stream
+    }
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ResizeBody {
+pub struct ResizeBody {
     rows: u16,
     cols: u16,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SignalBody {
+pub struct SignalBody {
     signal: i32,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct CheckpointBody {
     #[serde(default)]
     name: Option<String>,
 }
 
-fn parse_json<'a, T: Deserialize<'a> + Default>(body: &'a [u8]) -> Result<T, Routed> {
+/// A body that may be empty (all defaults) or JSON.
+fn parse_json<'a, T: Deserialize<'a> + Default>(body: &'a [u8]) -> Result<T, Refusal> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| error(400, format!("bad request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| (400, format!("bad request body: {e}")))
+}
+
+/// A request refused before anything acts on it: status and message.
+pub type Refusal = (u16, String);
+
+/// What a request asks for, its body parsed and checked: everything the
+/// API takes from a client passes through [`Endpoint::parse`] (fuzzed by
+/// `vmm/fuzz`) before any of it reaches the VM.
+#[derive(Debug)]
+pub enum Endpoint {
+    Info,
+    Shutdown,
+    Pause,
+    Resume,
+    Snapshot(SnapshotBody),
+    Checkpoint(Option<String>),
+    AgentPing,
+    AgentFreeze,
+    AgentThaw,
+    Exec(ExecBody),
+    ExecInput(u64, Vec<u8>),
+    ExecResize(u64, ResizeBody),
+    ExecSignal(u64, SignalBody),
+}
+
+impl Endpoint {
+    /// `upgrade`: the request asked to switch to the exec stream.
+    pub fn parse(method: &str, url: &str, body: &[u8], upgrade: bool) -> Result<Self, Refusal> {
+        let (get, put) = (method == "GET", method == "PUT");
+        if let Some(rest) = url.strip_prefix("/agent/exec/") {
+            if !put {
+                return Err((405, format!("method {method} not allowed on {url}")));
+            }
+            return Self::exec_control(rest, body);
+        }
+        let endpoint = match url {
+            "/" | "/vm" if get => Endpoint::Info,
+            "/vm/shutdown" if put => Endpoint::Shutdown,
+            "/vm/pause" if put => Endpoint::Pause,
+            "/vm/resume" if put => Endpoint::Resume,
+            "/vm/snapshot" if put => Endpoint::Snapshot(Self::snapshot(body)?),
+            "/vm/checkpoint" if put => {
+                Endpoint::Checkpoint(parse_json::<CheckpointBody>(body)?.name)
+            }
+            "/agent/ping" if get || put => Endpoint::AgentPing,
+            "/agent/freeze" if put => Endpoint::AgentFreeze,
+            "/agent/thaw" if put => Endpoint::AgentThaw,
+            "/agent/exec" if put => Endpoint::Exec(Self::exec(body, upgrade)?),
+            "/" | "/vm" | "/vm/shutdown" | "/vm/pause" | "/vm/resume" | "/vm/snapshot"
+            | "/vm/checkpoint" | "/agent/ping" | "/agent/freeze" | "/agent/thaw"
+            | "/agent/exec" => return Err((405, format!("method {method} not allowed on {url}"))),
+            _ => return Err((404, format!("no endpoint {url}"))),
+        };
+        Ok(endpoint)
+    }
+
+    fn snapshot(body: &[u8]) -> Result<SnapshotBody, Refusal> {
+        let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            body
+        };
+        let b: SnapshotBody = serde_json::from_slice(body)
+            .map_err(|e| (400, format!("bad snapshot request: {e}")))?;
+        match (&b.path, b.stream) {
+            (Some(_), false) | (None, true) => Ok(b),
+            _ => Err((400, "give either \"path\" or \"stream\": true".into())),
+        }
+    }
+
+    fn exec(body: &[u8], upgrade: bool) -> Result<ExecBody, Refusal> {
+        let b: ExecBody =
+            serde_json::from_slice(body).map_err(|e| (400, format!("bad exec request: {e}")))?;
+        if b.argv.is_empty() {
+            return Err((400, "bad exec request: argv is empty".into()));
+        }
+        if b.stream && !upgrade {
+            return Err((
+                400,
+                format!("a streamed exec needs the headers Connection: Upgrade and Upgrade: {EXEC_PROTOCOL}"),
+            ));
+        }
+        Ok(b)
+    }
+
+    /// `/agent/exec/ID/{input,resize,signal}`.
+    fn exec_control(rest: &str, body: &[u8]) -> Result<Self, Refusal> {
+        let no_endpoint = || (404, format!("no endpoint /agent/exec/{rest}"));
+        let (id, what) = rest.split_once('/').ok_or_else(no_endpoint)?;
+        let id = id
+            .parse::<u64>()
+            .map_err(|_| (404, format!("no running exec {id}")))?;
+        Ok(match what {
+            "input" => Endpoint::ExecInput(id, body.to_vec()),
+            "resize" => Endpoint::ExecResize(
+                id,
+                serde_json::from_slice(body)
+                    .map_err(|e| (400, format!("bad resize request: {e}")))?,
+            ),
+            "signal" => Endpoint::ExecSignal(
+                id,
+                serde_json::from_slice(body)
+                    .map_err(|e| (400, format!("bad signal request: {e}")))?,
+            ),
+            _ => return Err(no_endpoint()),
+        })
+    }
 }
 
 fn agent_error(e: AgentError) -> Routed {
@@ -426,20 +555,7 @@ fn agent_call(agent: &AgentChannel, request: Request) -> Routed {
 }
 
 /// `PUT /agent/exec`: runs a command, answering once it ends or streaming.
-fn exec(ctx: &Context, body: &[u8], upgrade: bool) -> Routed {
-    let b: ExecBody = match serde_json::from_slice(body) {
-        Ok(b) => b,
-        Err(e) => return error(400, format!("bad exec request: {e}")),
-    };
-    if b.argv.is_empty() {
-        return error(400, "bad exec request: argv is empty");
-    }
-    if b.stream && !upgrade {
-        return error(
-            400,
-            format!("a streamed exec needs the headers Connection: Upgrade and Upgrade: {EXEC_PROTOCOL}"),
-        );
-    }
+fn exec(ctx: &Context, b: ExecBody) -> Routed {
     let request = ExecRequest {
         argv: b.argv,
         env: b.env,
@@ -486,7 +602,7 @@ fn exec(ctx: &Context, body: &[u8], upgrade: bool) -> Routed {
         .unwrap_or_else(PoisonError::into_inner)
         .insert(id, handle.clone());
     let execs = ctx.execs.clone();
-    let session = move |mut conn: Box<dyn tiny_http::ReadWrite + Send>| {
+    let session = move |mut conn: UnixStream| {
         for item in incoming {
             let (frame, last) = match item {
                 Incoming::Output { fd, data } => (Frame::Output { id, fd, data }, false),
@@ -522,33 +638,21 @@ fn exec(ctx: &Context, body: &[u8], upgrade: bool) -> Routed {
 }
 
 /// `PUT /agent/exec/ID/{input,resize,signal}`.
-fn exec_control(ctx: &Context, rest: &str, body: &[u8]) -> Routed {
-    let Some((id, what)) = rest.split_once('/') else {
-        return error(404, format!("no endpoint /agent/exec/{rest}"));
-    };
-    let handle = id.parse::<u64>().ok().and_then(|id| {
-        ctx.execs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-            .cloned()
-    });
+fn exec_control(
+    ctx: &Context,
+    id: u64,
+    act: impl FnOnce(&ExecHandle) -> Result<(), AgentError>,
+) -> Routed {
+    let handle = ctx
+        .execs
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&id)
+        .cloned();
     let Some(handle) = handle else {
         return error(404, format!("no running exec {id}"));
     };
-    let sent = match what {
-        "input" => handle.input(body.to_vec()),
-        "resize" => match serde_json::from_slice::<ResizeBody>(body) {
-            Ok(r) => handle.resize(r.rows, r.cols),
-            Err(e) => return error(400, format!("bad resize request: {e}")),
-        },
-        "signal" => match serde_json::from_slice::<SignalBody>(body) {
-            Ok(r) => handle.signal(r.signal),
-            Err(e) => return error(400, format!("bad signal request: {e}")),
-        },
-        _ => return error(404, format!("no endpoint /agent/exec/{rest}")),
-    };
-    match sent {
+    match act(&handle) {
         Ok(()) => Routed::Json(200, serde_json::json!({})),
         Err(e) => agent_error(e),
     }
@@ -569,28 +673,40 @@ fn ask(events: &Sender<VmEvent>, request: ApiRequest) -> Routed {
     }
     match rx.recv() {
         Ok(Ok(v)) => Routed::Json(200, v),
-        Ok(Err(ApiFailure::BadRequest(e))) => error(400, e),
-        Ok(Err(ApiFailure::Conflict(e))) => error(409, e),
-        Ok(Err(ApiFailure::Failed(e))) => error(500, e),
+        Ok(Err(f)) => failure_answer(f),
         Err(_) => error(503, "the VM is shutting down"),
     }
 }
 
-/// Maps a request to its answer.
-fn route(
-    method: &tiny_http::Method,
-    url: &str,
-    body: &[u8],
-    upgrade: bool,
-    ctx: &Context,
-) -> Routed {
-    use tiny_http::Method::{Get, Put};
-    let (info, events) = (&ctx.info, &ctx.events);
-    if let (Put, Some(rest)) = (method, url.strip_prefix("/agent/exec/")) {
-        return exec_control(ctx, rest, body);
+fn failure_answer(f: ApiFailure) -> Routed {
+    match f {
+        ApiFailure::BadRequest(e) => error(400, e),
+        ApiFailure::Conflict(e) => error(409, e),
+        ApiFailure::Failed(e) => error(500, e),
+        ApiFailure::Forbidden(e) => error(403, e),
     }
-    match (method, url) {
-        (Get, "/") | (Get, "/vm") => Routed::Json(
+}
+
+/// What the main thread answers a request with.
+type Answer = Result<serde_json::Value, ApiFailure>;
+
+/// How long a streamed snapshot's answer may take once its image has been
+/// sent whole (only the answer's trip remains).
+const STREAMED_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The trailer field of a streamed snapshot: the VMM's answer as JSON, as
+/// `PUT /vm/snapshot` with a path answers.
+pub const ANSWER_TRAILER: &str = "X-Snapshot-Answer";
+
+/// Maps a request to its answer.
+fn route(method: &str, url: &str, body: &[u8], upgrade: bool, ctx: &Context) -> Routed {
+    let endpoint = match Endpoint::parse(method, url, body, upgrade) {
+        Ok(e) => e,
+        Err((code, msg)) => return error(code, msg),
+    };
+    let (info, events) = (&ctx.info, &ctx.events);
+    match endpoint {
+        Endpoint::Info => Routed::Json(
             200,
             serde_json::json!({
                 "vcpus": info.vcpus,
@@ -602,36 +718,28 @@ fn route(
                 "pid": std::process::id(),
                 "name": info.name,
                 "state": *info.state.lock().unwrap_or_else(PoisonError::into_inner),
+                "progress": info.progress.now().map(|(done, total)| serde_json::json!({ "done": done, "total": total })),
             }),
         ),
-        (Put, "/vm/shutdown") => {
+        Endpoint::Shutdown => {
             let _ = events.send(VmEvent::Stop(StopReason::Requested));
             Routed::Json(200, serde_json::json!({ "state": "stopping" }))
         }
-        (Get | Put, "/agent/ping") => agent_call(&ctx.agent, Request::Ping),
-        (Put, "/agent/freeze") => agent_call(&ctx.agent, Request::Freeze),
-        (Put, "/agent/thaw") => agent_call(&ctx.agent, Request::Thaw),
-        (Put, "/agent/exec") => exec(ctx, body, upgrade),
-        (Put, "/vm/checkpoint") => match parse_json::<CheckpointBody>(body) {
-            Ok(b) => ask(events, ApiRequest::Checkpoint { name: b.name }),
-            Err(r) => r,
-        },
-        (Put, "/vm/pause") => ask(events, ApiRequest::Pause),
-        (Put, "/vm/resume") => ask(events, ApiRequest::Resume),
-        (Put, "/vm/snapshot") => {
-            let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-                b"{}"
-            } else {
-                body
-            };
-            let b: SnapshotBody = match serde_json::from_slice(body) {
-                Ok(b) => b,
-                Err(e) => return error(400, format!("bad snapshot request: {e}")),
-            };
+        Endpoint::AgentPing => agent_call(&ctx.agent, Request::Ping),
+        Endpoint::AgentFreeze => agent_call(&ctx.agent, Request::Freeze),
+        Endpoint::AgentThaw => agent_call(&ctx.agent, Request::Thaw),
+        Endpoint::Exec(b) => exec(ctx, b),
+        Endpoint::ExecInput(id, data) => exec_control(ctx, id, |h| h.input(data)),
+        Endpoint::ExecResize(id, r) => exec_control(ctx, id, |h| h.resize(r.rows, r.cols)),
+        Endpoint::ExecSignal(id, r) => exec_control(ctx, id, |h| h.signal(r.signal)),
+        Endpoint::Checkpoint(name) => ask(events, ApiRequest::Checkpoint { name }),
+        Endpoint::Pause => ask(events, ApiRequest::Pause),
+        Endpoint::Resume => ask(events, ApiRequest::Resume),
+        Endpoint::Snapshot(b) => {
             let options = b.options();
-            let target = match (b.path, b.stream) {
-                (Some(p), false) => SnapshotTarget::Path(p),
-                (None, true) => {
+            let target = match b.path {
+                Some(p) => SnapshotTarget::Path(p),
+                None => {
                     let (reader, writer) = match std::io::pipe() {
                         Ok(p) => p,
                         Err(e) => return error(500, format!("cannot create a pipe: {e}")),
@@ -640,7 +748,7 @@ fn route(
                         target: SnapshotTarget::Stream(Box::new(writer)),
                         options,
                     });
-                    let (tx, _rx) = std::sync::mpsc::channel();
+                    let (tx, rx) = std::sync::mpsc::channel();
                     if events
                         .send(VmEvent::Request { request, reply: tx })
                         .is_err()
@@ -649,22 +757,17 @@ fn route(
                     }
                     // The main thread writes the image into the pipe while
                     // this thread sends it on; a failed snapshot closes the
-                    // pipe early, which the image's missing end shows.
-                    return Routed::Stream(reader, Vec::new());
+                    // pipe early, which the image's missing end shows. Its
+                    // answer (id, sizes, pause) comes once the image is
+                    // written, as the stream's trailer.
+                    return Routed::Stream(reader, Vec::new(), Some(rx));
                 }
-                _ => return error(400, "give either \"path\" or \"stream\": true"),
             };
             ask(
                 events,
                 ApiRequest::Snapshot(SnapshotRequest { target, options }),
             )
         }
-        (
-            _,
-            "/" | "/vm" | "/vm/shutdown" | "/vm/pause" | "/vm/resume" | "/vm/snapshot"
-            | "/vm/checkpoint" | "/agent/ping" | "/agent/freeze" | "/agent/thaw" | "/agent/exec",
-        ) => error(405, format!("method {method} not allowed on {url}")),
-        _ => error(404, format!("no endpoint {url}")),
     }
 }
 
@@ -682,6 +785,7 @@ mod tests {
             started: Instant::now(),
             name: None,
             state: Arc::new(Mutex::new("running")),
+            progress: Arc::default(),
         }
     }
 

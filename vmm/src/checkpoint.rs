@@ -84,6 +84,9 @@ pub fn on_signal(signal: i32, events: Sender<VmEvent>) -> Result<(), CheckpointE
     std::thread::Builder::new()
         .name("checkpoint-on".into())
         .spawn(move || {
+            if !crate::seccomp::confine_or_log(crate::seccomp::ThreadKind::Relay) {
+                return;
+            }
             for _ in signals.forever() {
                 let (tx, rx) = mpsc::channel();
                 let request = ApiRequest::Checkpoint { name: None };

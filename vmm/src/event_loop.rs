@@ -89,6 +89,10 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
+                // Fail closed: unconfined, no device work is done.
+                if !crate::seccomp::confine_or_log(crate::seccomp::ThreadKind::Devices) {
+                    return;
+                }
                 while !exit.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
                         log::error!("device event loop: {e}");

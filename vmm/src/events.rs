@@ -50,6 +50,21 @@ pub enum ApiFailure {
     Conflict(String),
     /// Tried and failed: 500.
     Failed(String),
+    /// Outside what the VMM may do (a snapshot to a path its Landlock
+    /// rules do not let it write): 403.
+    Forbidden(String),
+}
+
+impl ApiFailure {
+    /// What went wrong, in words.
+    pub fn message(&self) -> &str {
+        match self {
+            ApiFailure::BadRequest(m)
+            | ApiFailure::Conflict(m)
+            | ApiFailure::Failed(m)
+            | ApiFailure::Forbidden(m) => m,
+        }
+    }
 }
 
 pub enum ApiRequest {

@@ -20,6 +20,8 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use snapshot::{
@@ -227,18 +229,62 @@ fn disk_crc(file: &File, path: &Path) -> Result<(u64, u32), ImageError> {
     Ok((size, crc))
 }
 
+/// Marks the progress ended however the write ends.
+struct Ending<'a>(&'a Progress);
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// How far an image being written has got: bytes of memory and disks
+/// done, of a total (0 while none is being written). The API reports it
+/// (`GET /vm`), for `vmm snapshot`'s progress bar.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: Arc<AtomicU64>,
+    total: AtomicU64,
+}
+
+impl Progress {
+    /// (done, total) while an image is being written.
+    pub fn now(&self) -> Option<(u64, u64)> {
+        let total = self.total.load(Ordering::Acquire);
+        (total > 0).then(|| (self.done.load(Ordering::Relaxed).min(total), total))
+    }
+
+    fn start(&self, total: u64) {
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total, Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.total.store(0, Ordering::Release);
+    }
+}
+
+/// How an image is written, beyond what was asked for.
+pub struct WriteHow<'a> {
+    /// How an ephemeral disk's overlay goes in.
+    pub overlays: OverlayMode,
+    /// The guest agent froze the guest's filesystems first.
+    pub quiesced: bool,
+    /// Where to count the bytes done.
+    pub progress: Option<&'a Progress>,
+}
+
 /// Writes a paused machine's `state`, its memory and its `disks` (device
 /// id, file) to `target`. A file target appears whole or not at all.
-/// `quiesced`: the guest agent froze the guest's filesystems first.
 pub fn write(
     state: &MachineState,
     ram: &GuestRam,
     disks: &[(String, DiskView)],
     options: &SnapshotOptions,
-    overlays: OverlayMode,
-    quiesced: bool,
+    how: &WriteHow,
     output: ImageOutput,
 ) -> Result<Written, ImageError> {
+    let (overlays, quiesced) = (how.overlays, how.quiesced);
     let (vendor, signature) = host_cpu();
     // Whether a disk is held whole: a referenced overlay is not.
     let whole_disk = !options.no_disk
@@ -310,9 +356,19 @@ pub fn write(
                 },
             }
         }
+        let mut lens = Vec::with_capacity(files.len());
+        for (_, path, file) in &files {
+            lens.push(file.metadata().map_err(disk_err(path))?.len());
+        }
+        if let Some(p) = how.progress {
+            let memory: u64 = ram.slices().iter().map(|(_, m)| m.len() as u64).sum();
+            let disks: u64 =
+                lens.iter().sum::<u64>() + views.iter().map(|(_, v)| v.len()).sum::<u64>();
+            p.start(memory + disks);
+            w.report_progress(p.done.clone());
+        }
         w.write_memory(&ram.slices(), None, opts)?;
-        for (id, path, file) in files {
-            let len = file.metadata().map_err(disk_err(path))?.len();
+        for ((id, _, file), len) in files.into_iter().zip(lens) {
             w.write_disk(id, &FileSource { file: &file, len }, opts)?;
         }
         for (id, source) in views {
@@ -320,6 +376,7 @@ pub fn write(
         }
         Ok(w.finish()?.1)
     };
+    let _ending = how.progress.map(Ending);
     let (summary, destination) = match output {
         ImageOutput::File(atomic, file) => {
             let path = atomic.destination().display().to_string();

@@ -17,6 +17,9 @@
 //! - `client`: requests to a running VMM's API socket.
 //! - `agent`: the guest agent's control channel; `checkpoint`: checkpoints
 //!   into `--snapshot-dir` (from the guest, a signal, the API).
+//! - `seccomp`, `sandbox`: what each thread may call, and the file access
+//!   Landlock confines the VMM to; `http`: the API socket's server;
+//!   `progress`: the CLI's progress bars.
 
 pub mod agent;
 pub mod api;
@@ -31,12 +34,15 @@ pub mod event_loop;
 pub mod events;
 pub mod guest;
 pub mod host;
+pub mod http;
 pub mod image;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod names;
+pub mod progress;
 pub mod runner;
+pub mod sandbox;
 pub mod seccomp;
 pub mod state;
 pub mod terminal;
@@ -46,3 +52,19 @@ pub mod warm;
 
 #[cfg(test)]
 pub(crate) mod test_vm;
+
+/// An error and its causes on one line, outermost first. Errors that
+/// print their source also return it: a cause the message so far already
+/// ends with is skipped.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !msg.ends_with(&c_text) {
+            msg = format!("{msg}: {c_text}");
+        }
+        cause = c.source();
+    }
+    msg
+}

@@ -32,6 +32,7 @@ use crate::kvm::persist::{self, PersistError};
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::kvm::vm::{Vm, VmError};
 use crate::memory::GuestRam;
+use crate::sandbox::{Allow, Sandbox, SandboxError};
 use crate::state::{MachineConfig, MachineState};
 use crate::timeline::Timeline;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuThreadError};
@@ -85,6 +86,18 @@ pub enum MachineError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Host(#[from] HostError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
+/// Where on this host a restored machine lands.
+pub struct RestoreHost<'a> {
+    /// Where the image's disks are materialized.
+    pub disk_dir: &'a Path,
+    /// Its host ends (TAPs, the vsock socket), if not the saved ones.
+    pub overrides: &'a RestoreOverrides,
+    /// What the VMM may still touch once they are open.
+    pub sandbox: &'a Sandbox,
 }
 
 /// A VM and everything it owns.
@@ -101,6 +114,8 @@ pub struct Machine {
     /// Restored and not yet resumed: the devices have news for the guest.
     fresh_restore: bool,
     agent: AgentChannel,
+    /// The id of the image this machine was restored from.
+    restored_image: Option<String>,
 }
 
 impl Machine {
@@ -109,6 +124,7 @@ impl Machine {
     /// serial port's output.
     pub fn boot(
         cfg: &VmConfig,
+        sandbox: &Sandbox,
         console: Box<dyn std::io::Write + Send>,
         events: Sender<VmEvent>,
         timeline: Arc<Timeline>,
@@ -163,6 +179,17 @@ impl Machine {
             // status as one on the command line does.
             expects_status: !cfg.command.is_empty() || cfg.start_by_agent,
         };
+        // Everything named is open: from here on, only what the sandbox
+        // allows (before the first thread, so every thread is confined).
+        let mut sandbox = sandbox.clone();
+        if let Some(uds) = uds {
+            sandbox.allow_parent(uds, Allow::Sockets);
+        }
+        // A snapshot reads the disks again, by name.
+        for (_, disk) in devices.disks()? {
+            sandbox.allow(disk.path(), Allow::Read);
+        }
+        sandbox.enforce()?;
         let agent = AgentChannel::start(agent_rx, events.clone(), None)
             .map_err(MachineError::AgentThread)?;
         Self::assemble(
@@ -177,33 +204,46 @@ impl Machine {
         )
     }
 
-    /// Reads an image from `from` and builds the VM it describes, paused.
-    /// Its disks are materialized in `disk_dir`; its host ends (TAPs, the
-    /// vsock socket) are the saved ones unless `overrides` says otherwise.
+    /// Reads an image from `from` and builds the VM it describes, paused,
+    /// on `host` (see [`RestoreHost`]).
     pub fn restore(
         from: Box<dyn Read>,
         source: &str,
-        disk_dir: &Path,
-        overrides: &RestoreOverrides,
+        host: &RestoreHost,
         console: Box<dyn std::io::Write + Send>,
         events: Sender<VmEvent>,
         timeline: Arc<Timeline>,
     ) -> Result<Self, MachineError> {
         let image = ImageIn::open(from)?;
+        let image_id = snapshot::format::id_hex(&image.header().image_id);
         let vm = Vm::new(image.state().config.mem_mib)?;
         let supported = vm
             .kvm()
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(MachineError::SupportedCpuid)?;
         host::check(image.header(), image.state(), supported.as_slice())?;
-        let mut backends = device_manager::open_backends(&image.state().devices, overrides)?;
+        let mut backends = device_manager::open_backends(&image.state().devices, host.overrides)?;
         let (agent_tx, agent_rx) = mpsc::channel();
         backends.agent = Some(agent_tx);
+        let (state, disks) = image.read_contents(vm.ram(), host.disk_dir)?;
+        backends.disks = disks;
+        // The disks are made and every host end is open: from here on, only
+        // what the sandbox allows (before the first thread, so every thread
+        // is confined).
+        let mut sandbox = host.sandbox.clone();
+        if let Some(l) = &backends.vsock {
+            sandbox.allow_parent(l.path(), Allow::Sockets);
+        }
+        // A snapshot reads the disks again, by name.
+        for disk in backends.disks.values() {
+            sandbox.allow(&disk.path, Allow::Read);
+        }
+        sandbox.enforce()?;
         let agent = AgentChannel::start(agent_rx, events.clone(), Some(source.to_string()))
             .map_err(MachineError::AgentThread)?;
-        let (state, disks) = image.read_contents(vm.ram(), disk_dir)?;
-        backends.disks = disks;
-        Self::from_state(vm, &state, backends, console, events, timeline, agent)
+        let mut machine = Self::from_state(vm, &state, backends, console, events, timeline, agent)?;
+        machine.restored_image = Some(image_id);
+        Ok(machine)
     }
 
     /// Builds a paused machine from `state` in `vm`, whose memory already
@@ -279,9 +319,15 @@ impl Machine {
             config,
             timeline,
             fresh_restore: lifecycle == Lifecycle::Paused,
+            restored_image: None,
             lifecycle,
             agent,
         })
+    }
+
+    /// The id of the image the machine was restored from, if it was.
+    pub fn restored_image(&self) -> Option<&str> {
+        self.restored_image.as_deref()
     }
 
     /// The guest agent's control channel.

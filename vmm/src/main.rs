@@ -120,6 +120,11 @@ struct ControlArgs {
     /// forbidden system call otherwise stops the VMM, naming thread and call).
     #[arg(long)]
     no_seccomp: bool,
+    /// Run without the Landlock confinement of file access (for debugging,
+    /// or to write snapshots anywhere; without it, the VMM writes images
+    /// only into --snapshot-dir and the warm-start cache).
+    #[arg(long)]
+    no_landlock: bool,
 }
 
 fn parse_signal(s: &str) -> Result<i32, String> {
@@ -153,12 +158,21 @@ impl ControlArgs {
             }
             None => self.api_sock,
         };
+        let mut sandbox = vmm::sandbox::Sandbox::new(!self.no_landlock);
+        if let Some(dir) = &snapshot_dir {
+            sandbox.allow(dir, vmm::sandbox::Allow::Images);
+        }
+        if let Some(sock) = &api_sock {
+            sandbox.allow_parent(sock, vmm::sandbox::Allow::Sockets);
+        }
         Ok(runner::RunOptions {
             api_sock,
             name: self.name,
             snapshot_dir,
             checkpoint_on: self.checkpoint_on,
             start: None,
+            sandbox,
+            restore_report: runner::Report::Quiet,
         })
     }
 }
@@ -316,6 +330,13 @@ struct RestoreArgs {
     /// Print restore milestones as a JSON line on stderr at exit.
     #[arg(long)]
     timings: bool,
+    /// Say what was restored as JSON (on stderr, like the line it replaces).
+    #[arg(long)]
+    json: bool,
+    /// Say nothing of our own on stderr but errors (no result line, no
+    /// progress bar).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -351,50 +372,113 @@ impl<W: std::io::Write> std::io::Write for Tail<W> {
     }
 }
 
+/// Asks the VMM for its image as a stream and writes it to `out`; once
+/// the whole image (ending with its footer) came, the VMM's answer (what
+/// was written, the pause), its destination being `destination`.
+fn stream_snapshot(
+    sock: &std::path::Path,
+    options: SnapshotOptions,
+    out: impl std::io::Write,
+    destination: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let req = SnapshotBody::new(None, options);
+    let mut tail = Tail {
+        inner: out,
+        last: Vec::new(),
+        bytes: 0,
+    };
+    let mut answer = None;
+    let code = vmm::client::request(
+        sock,
+        "PUT",
+        "/vm/snapshot",
+        serde_json::to_string(&req)?.as_bytes(),
+        &mut tail,
+        &mut |h| {
+            if let Some((name, value)) = h.split_once(':') {
+                if name.eq_ignore_ascii_case(vmm::api::ANSWER_TRAILER) {
+                    answer = serde_json::from_str::<serde_json::Value>(value.trim()).ok();
+                }
+            }
+        },
+    )?;
+    std::io::Write::flush(&mut tail)?;
+    if code != 200 {
+        anyhow::bail!("snapshot failed: HTTP {code}");
+    }
+    // A whole image ends with the index footer; a failed snapshot
+    // closes the stream early.
+    let footer = <[u8; snapshot::format::FOOTER_LEN]>::try_from(tail.last.as_slice());
+    if !footer.is_ok_and(|f| snapshot::format::decode_footer(&f).is_some()) {
+        anyhow::bail!(
+            "snapshot failed: the image stream ended after {} bytes without its end (see the VMM's log)",
+            tail.bytes
+        );
+    }
+    // The VMM's account of it (its trailer); the bytes we wrote, if it
+    // has none.
+    let mut answer = match answer {
+        Some(a) if a.get("error").is_some() => {
+            anyhow::bail!("snapshot failed: {}", a["error"].as_str().unwrap_or("?"))
+        }
+        Some(a) if a.is_object() => a,
+        _ => serde_json::json!({ "bytes": tail.bytes }),
+    };
+    answer["destination"] = destination.into();
+    Ok(answer)
+}
+
+/// Runs `work` (a snapshot request to the VMM at `sock`) while a thread
+/// shows the VMM's progress with writing the image (`GET /vm`) on a bar.
+fn with_progress<T>(sock: &std::path::Path, wanted: bool, work: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let over = std::sync::Arc::new(AtomicBool::new(false));
+    let watcher = std::io::stderr().is_terminal() && wanted;
+    let watcher = watcher.then(|| {
+        let (over, sock) = (over.clone(), sock.to_path_buf());
+        std::thread::spawn(move || {
+            let mut bar = vmm::progress::Bar::new("snapshot", true);
+            while !over.load(Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let Ok(info) = vmm::client::json(&sock, "GET", "/vm", &serde_json::Value::Null)
+                else {
+                    continue;
+                };
+                let p = &info["progress"];
+                if let (Some(done), Some(total)) = (p["done"].as_u64(), p["total"].as_u64()) {
+                    bar.update(done, Some(total));
+                }
+            }
+            bar.finish();
+        })
+    });
+    let result = work();
+    over.store(true, Ordering::Release);
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
+    result
+}
+
+/// `vmm snapshot`'s result: the VMM's answer as JSON, or a line.
+fn snapshot_result(json: bool, answer: &serde_json::Value) -> String {
+    if json {
+        answer.to_string()
+    } else {
+        snapshot_line(answer)
+    }
+}
+
 fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
-    let started = Instant::now();
     let sock = args.target.socket()?;
     if args.out == "-" {
-        let req = SnapshotBody::new(None, args.options);
         if vmm::terminal::stdout_was_closed() {
             anyhow::bail!("--out -: stdout is closed; redirect it to where the image should go");
         }
-        let mut tail = Tail {
-            inner: std::io::stdout().lock(),
-            last: Vec::new(),
-            bytes: 0,
-        };
-        let code = vmm::client::request(
-            &sock,
-            "PUT",
-            "/vm/snapshot",
-            serde_json::to_string(&req)?.as_bytes(),
-            &mut tail,
-            &mut |_| {},
-        )?;
-        std::io::Write::flush(&mut tail)?;
-        if code != 200 {
-            anyhow::bail!("snapshot failed: HTTP {code}");
-        }
-        // A whole image ends with the index footer; a failed snapshot
-        // closes the stream early.
-        let footer = <[u8; snapshot::format::FOOTER_LEN]>::try_from(tail.last.as_slice());
-        if !footer.is_ok_and(|f| snapshot::format::decode_footer(&f).is_some()) {
-            anyhow::bail!(
-                "snapshot failed: the image stream ended after {} bytes without its end (see the VMM's log)",
-                tail.bytes
-            );
-        }
-        let secs = started.elapsed().as_secs_f64();
-        let line = if args.json {
-            serde_json::json!({ "destination": "stdout", "bytes": tail.bytes, "total_ms": secs * 1000.0 })
-                .to_string()
-        } else {
-            format!(
-                "snapshot written to stdout: {} in {secs:.2} s",
-                mib(tail.bytes)
-            )
-        };
+        let answer = with_progress(&sock, !args.json, || {
+            stream_snapshot(&sock, args.options, std::io::stdout().lock(), "stdout")
+        })?;
+        let line = snapshot_result(args.json, &answer);
         std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes())?;
         return Ok(0);
     }
@@ -404,24 +488,43 @@ fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
     } else {
         std::env::current_dir()?.join(out)
     };
-    let req = SnapshotBody::new(Some(abs), args.options);
+    let req = SnapshotBody::new(Some(abs.clone()), args.options.clone());
     let mut body = Vec::new();
-    let code = vmm::client::request(
-        &sock,
-        "PUT",
-        "/vm/snapshot",
-        serde_json::to_string(&req)?.as_bytes(),
-        &mut body,
-        &mut |_| {},
-    )?;
-    if code != 200 {
-        anyhow::bail!("snapshot failed: {}", vmm::client::error_text(&body));
-    }
-    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let line = if args.json {
-        answer.to_string()
-    } else {
-        snapshot_line(&answer)
+    let request = serde_json::to_string(&req)?;
+    let code = with_progress(&sock, !args.json, || {
+        vmm::client::request(
+            &sock,
+            "PUT",
+            "/vm/snapshot",
+            request.as_bytes(),
+            &mut body,
+            &mut |_| {},
+        )
+    })?;
+    let line = match code {
+        200 => snapshot_result(
+            args.json,
+            &serde_json::from_slice(&body).unwrap_or_default(),
+        ),
+        // Landlock keeps the VMM from writing there; we may: the image
+        // comes through the socket and we write it, as atomically.
+        403 => {
+            log::info!(
+                "the VMM may not write {}: {}; writing its stream here",
+                abs.display(),
+                vmm::client::error_text(&body)
+            );
+            let (atomic, file) = vmm::atomic_file::AtomicFile::create(&abs)?;
+            let destination = atomic.destination().display().to_string();
+            let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+            let answer = with_progress(&sock, !args.json, || {
+                stream_snapshot(&sock, args.options, &mut writer, &destination)
+            })?;
+            let file = writer.into_inner().map_err(|e| e.into_error())?;
+            atomic.commit(file)?;
+            snapshot_result(args.json, &answer)
+        }
+        _ => anyhow::bail!("snapshot failed: {}", vmm::client::error_text(&body)),
     };
     std::io::Write::write_all(&mut std::io::stdout(), format!("{line}\n").as_bytes())?;
     Ok(0)
@@ -502,11 +605,23 @@ impl std::str::FromStr for RestoreVsock {
 
 fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
     let from = open_image(args.from.as_str())?;
+    // A bar for the image read, if it takes a while (a file's size is its
+    // total; stdin's is not known).
+    let total = (args.from != "-")
+        .then(|| std::fs::metadata(&args.from).ok().map(|m| m.len()))
+        .flatten();
+    let bar = vmm::progress::Bar::new("restoring", !args.quiet && !args.json);
+    let from = Box::new(vmm::progress::Reader::new(from, total, bar));
     let overrides = vmm::device_manager::RestoreOverrides {
         taps: args.net.into_iter().map(|n| n.0).collect(),
         vsock_uds: args.vsock.map(|v| v.0),
     };
-    let opts = args.control.options()?;
+    let mut opts = args.control.options()?;
+    opts.restore_report = match (args.quiet, args.json) {
+        (true, _) => runner::Report::Quiet,
+        (false, true) => runner::Report::Json,
+        (false, false) => runner::Report::Line,
+    };
     let finished = runner::restore(from, &args.from, &args.disk_dir, &overrides, &opts, start)
         .with_context(|| format!("cannot restore from {}", args.from))?;
     if args.timings {
@@ -634,11 +749,18 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
                             return Err(e).context("cannot run the restored VM")
                         }
                         Err(e) => {
+                            let _ = cache.remove(&key.name());
+                            // Confined already (the image failed late): a
+                            // boot could not make its disk overlay.
+                            if vmm::sandbox::image_dirs().is_some() {
+                                return Err(e).context(
+                                    "the warm image was discarded; run the command again to boot",
+                                );
+                            }
                             log::warn!(
                                 "{}; it is discarded and the guest boots instead",
-                                chain(&e)
+                                vmm::error_chain(&e)
                             );
-                            let _ = cache.remove(&key.name());
                         }
                     }
                 }
@@ -648,7 +770,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
                     save_warm: Some((cache, key)),
                 });
             }
-            Err(e) => log::warn!("no warm start: {}", chain(&e)),
+            Err(e) => log::warn!("no warm start: {}", vmm::error_chain(&e)),
         }
     }
     // A person at a terminal waiting on a Linux boot (our command line, so
@@ -687,22 +809,6 @@ fn report(finished: runner::Finished, timings: bool) -> i32 {
         eprintln!("{}", finished.timings);
     }
     finished.status
-}
-
-/// An error and its causes on one line, outermost first. Errors that
-/// print their source also return it: a cause the message so far already
-/// ends with is skipped.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let c_text = c.to_string();
-        if !msg.ends_with(&c_text) {
-            msg = format!("{msg}: {c_text}");
-        }
-        cause = c.source();
-    }
-    msg
 }
 
 fn cache_cmd(args: CacheArgs) -> anyhow::Result<i32> {
@@ -899,7 +1005,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("vmm: error: {}", chain(&*e));
+            eprintln!("vmm: error: {}", vmm::error_chain(&*e));
             ExitCode::from(1)
         }
     }

@@ -19,7 +19,8 @@ use crate::events::{
     ApiFailure, ApiRequest, SnapshotOptions, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
 };
 use crate::image::{self, ImageError, ImageOutput, OverlayMode};
-use crate::machine::{Lifecycle, Machine, MachineError};
+use crate::machine::{Lifecycle, Machine, MachineError, RestoreHost};
+use crate::sandbox::{Allow, Sandbox};
 use crate::terminal::RawTerminal;
 use crate::timeline::Timeline;
 use crate::warm::{WarmCache, WarmKey};
@@ -34,6 +35,8 @@ pub enum RunError {
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("the guest stopped: {0}")]
     GuestShutdown(String),
     #[error("{0}")]
@@ -59,7 +62,7 @@ pub struct Finished {
 }
 
 /// How a running VMM is controlled, beyond its machine.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Serve the API on this socket.
     pub api_sock: Option<PathBuf>,
@@ -73,6 +76,20 @@ pub struct RunOptions {
     /// The command goes to the agent once it is ready (a guest booted
     /// with `vmm.start=agent`, or restored from a warm image).
     pub start: Option<StartPlan>,
+    /// What the VMM may still touch once its files are open (the API
+    /// socket's directory, the snapshot directory); the machine adds its
+    /// own sockets.
+    pub sandbox: Sandbox,
+    /// How `vmm restore` reports a restore, on stderr.
+    pub restore_report: Report,
+}
+
+/// A one-line result on stderr: none, for a person, or JSON for tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    Quiet,
+    Line,
+    Json,
 }
 
 /// The container command, handed to the agent when it is ready.
@@ -91,8 +108,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn run(cfg: VmConfig, opts: &RunOptions, start: Instant) -> Result<Finished, RunError> {
     let timeline = Arc::new(Timeline::new(start));
     let (events_tx, events_rx) = mpsc::channel();
+    let mut sandbox = opts.sandbox.clone();
+    if let Some((cache, _)) = opts.start.as_ref().and_then(|p| p.save_warm.as_ref()) {
+        sandbox.allow(cache.dir(), Allow::Images);
+    }
     let machine = Machine::boot(
         &cfg,
+        &sandbox,
         Box::new(std::io::stdout()),
         events_tx.clone(),
         timeline,
@@ -143,8 +165,11 @@ pub fn warm_start(
     let machine = Machine::restore(
         Box::new(file),
         &image.display().to_string(),
-        &std::env::temp_dir(),
-        &RestoreOverrides::default(),
+        &RestoreHost {
+            disk_dir: &std::env::temp_dir(),
+            overrides: &RestoreOverrides::default(),
+            sandbox: &opts.sandbox,
+        },
         Box::new(std::io::stdout()),
         events_tx.clone(),
         timeline,
@@ -169,14 +194,43 @@ pub fn restore(
     let machine = Machine::restore(
         from,
         source,
-        disk_dir,
-        overrides,
+        &RestoreHost {
+            disk_dir,
+            overrides,
+            sandbox: &opts.sandbox,
+        },
         Box::new(std::io::stdout()),
         events_tx.clone(),
         timeline,
     )?;
     log::info!("restored in {:?}", start.elapsed());
+    report_restore(&machine, source, start, opts.restore_report);
     run_machine(machine, events_tx, events_rx, opts, start)
+}
+
+/// `vmm restore`'s result line, before the guest's console has its say.
+fn report_restore(machine: &Machine, source: &str, start: Instant, report: Report) {
+    let config = machine.config();
+    let id = machine.restored_image().unwrap_or("?");
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let line = match report {
+        Report::Quiet => return,
+        Report::Json => serde_json::json!({
+            "image_id": id,
+            "source": source,
+            "mem_mib": config.mem_mib,
+            "vcpus": config.vcpus,
+            "restore_ms": ms,
+        })
+        .to_string(),
+        Report::Line => format!(
+            "vmm: restored {id} from {source}: {} MiB of memory, {} vCPU{}, in {ms:.0} ms",
+            config.mem_mib,
+            config.vcpus,
+            if config.vcpus == 1 { "" } else { "s" },
+        ),
+    };
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
 }
 
 /// Runs a built (booted or restored) machine until it stops, serving the API.
@@ -189,6 +243,7 @@ fn run_machine(
 ) -> Result<Finished, RunError> {
     let config = machine.config().clone();
     let state = Arc::new(Mutex::new("starting"));
+    let progress = Arc::new(image::Progress::default());
     if let Some(signal) = opts.checkpoint_on {
         checkpoint::on_signal(signal, events_tx.clone()).map_err(RunError::Checkpoint)?;
     }
@@ -207,6 +262,7 @@ fn run_machine(
                     started: start,
                     name: opts.name.clone(),
                     state: state.clone(),
+                    progress: progress.clone(),
                 },
                 events_tx,
                 machine.agent().clone(),
@@ -221,6 +277,9 @@ fn run_machine(
     let _terminal = RawTerminal::enter_if_tty();
     let console_done = Arc::new(AtomicBool::new(false));
     spawn_console_input(machine.devices().clone(), console_done.clone())?;
+    // Every thread has started: the main thread confines itself too, to
+    // running the VM's lifecycle and writing its images.
+    crate::seccomp::confine_this_thread(crate::seccomp::ThreadKind::Main)?;
     machine.resume()?;
     VmInfo::set_state(&state, lifecycle_name(machine.lifecycle()));
     log::info!("vCPUs running {:?} after start", start.elapsed());
@@ -238,7 +297,12 @@ fn run_machine(
                 ) {
                     VmInfo::set_state(&state, "snapshotting");
                 }
-                let (answer, stop) = serve(&mut machine, request, opts.snapshot_dir.as_deref());
+                let (answer, stop) = serve(
+                    &mut machine,
+                    request,
+                    opts.snapshot_dir.as_deref(),
+                    &progress,
+                );
                 VmInfo::set_state(&state, lifecycle_name(machine.lifecycle()));
                 let _ = reply.send(answer);
                 if stop {
@@ -327,13 +391,17 @@ fn save_warm(
         let output = ImageOutput::open(SnapshotTarget::Path(path.clone()))?;
         let state = machine.save_state()?;
         let disks = machine.disks()?;
+        let how = image::WriteHow {
+            overlays: OverlayMode::Reference,
+            quiesced: false,
+            progress: None,
+        };
         Ok(image::write(
             &state,
             machine.ram(),
             &disks,
             &SnapshotOptions::default(),
-            OverlayMode::Reference,
-            false,
+            &how,
             output,
         )?)
     })();
@@ -375,6 +443,20 @@ const AGENT_SLACK: Duration = Duration::from_secs(1);
 /// How long a thaw may take.
 const THAW_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whether `e` comes from a permission the file system refused.
+fn denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 fn snapshot_failure(e: SnapshotError) -> ApiFailure {
     match e {
         SnapshotError::Machine(e) => failure(e),
@@ -388,6 +470,7 @@ fn serve(
     machine: &mut Machine,
     request: ApiRequest,
     snapshot_dir: Option<&Path>,
+    progress: &image::Progress,
 ) -> (Result<serde_json::Value, ApiFailure>, bool) {
     let state =
         |m: &Machine| serde_json::json!({ "state": format!("{:?}", m.lifecycle()).to_lowercase() });
@@ -400,7 +483,7 @@ fn serve(
             machine.resume().map(|()| state(machine)).map_err(failure),
             false,
         ),
-        ApiRequest::Snapshot(req) => checkpoint(machine, req),
+        ApiRequest::Snapshot(req) => checkpoint(machine, req, progress),
         ApiRequest::Checkpoint { name } => {
             let Some(dir) = snapshot_dir else {
                 return (
@@ -418,7 +501,7 @@ fn serve(
                 target: SnapshotTarget::Path(path),
                 options: SnapshotOptions::default(),
             };
-            checkpoint(machine, req)
+            checkpoint(machine, req, progress)
         }
     }
 }
@@ -430,12 +513,24 @@ fn serve(
 fn checkpoint(
     machine: &mut Machine,
     req: SnapshotRequest,
+    progress: &image::Progress,
 ) -> (Result<serde_json::Value, ApiFailure>, bool) {
     let was_running = machine.lifecycle() == Lifecycle::Running;
     let stop = req.options.stop;
     let output = match ImageOutput::open(req.target) {
         Ok(o) => o,
-        Err(e) => return (Err(snapshot_failure(e.into())), false),
+        Err(e) => {
+            if let (Some(dirs), true) = (crate::sandbox::image_dirs(), denied(&e)) {
+                let dirs: Vec<_> = dirs.iter().map(|d| d.display().to_string()).collect();
+                let msg = format!(
+                    "{}: this VMM writes images only into {} (Landlock; --snapshot-dir DIR allows one, --no-landlock lifts it)",
+                    crate::error_chain(&e),
+                    if dirs.is_empty() { "none".into() } else { dirs.join(", ") },
+                );
+                return (Err(ApiFailure::Forbidden(msg)), false);
+            }
+            return (Err(snapshot_failure(e.into())), false);
+        }
     };
     let t0 = Instant::now();
     // A paused guest cannot answer: only a running one is quiesced.
@@ -451,7 +546,7 @@ fn checkpoint(
             return (Err(failure(e)), false);
         }
     }
-    let mut result = snapshot(machine, output, &req.options, frozen);
+    let mut result = snapshot(machine, output, &req.options, frozen, progress);
     // The VM survives a failed snapshot; after a good one it carries on
     // unless asked to stop, or stays paused if it was.
     let stop_now = stop && result.is_ok();
@@ -544,17 +639,22 @@ fn snapshot(
     output: ImageOutput,
     options: &SnapshotOptions,
     quiesced: bool,
+    progress: &image::Progress,
 ) -> Result<serde_json::Value, SnapshotError> {
     let t0 = Instant::now();
     let state = machine.save_state()?;
     let capture_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let how = image::WriteHow {
+        overlays: OverlayMode::Merged,
+        quiesced,
+        progress: Some(progress),
+    };
     let written = image::write(
         &state,
         machine.ram(),
         &machine.disks()?,
         options,
-        OverlayMode::Merged,
-        quiesced,
+        &how,
         output,
     )?;
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -581,6 +681,9 @@ fn spawn_console_input(devices: Arc<DeviceManager>, done: Arc<AtomicBool>) -> Re
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            if !crate::seccomp::confine_or_log(crate::seccomp::ThreadKind::Relay) {
+                return;
+            }
             let mut stdin = std::io::stdin().lock();
             let mut buf = [0u8; 64];
             while !done.load(Ordering::Acquire) {

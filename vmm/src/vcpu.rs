@@ -260,14 +260,8 @@ impl VcpuThread {
     fn run(mut self) {
         // Fail closed: a vCPU thread that cannot be confined does not run
         // the guest (its handle then reports the thread gone).
-        if let Err(e) = crate::seccomp::confine_this_thread(crate::seccomp::ThreadKind::Vcpu) {
-            let cause = std::error::Error::source(&e)
-                .map(|c| format!(": {c}"))
-                .unwrap_or_default();
-            log::error!(
-                "vCPU {}: {e}{cause} (--no-seccomp runs without filters)",
-                self.vcpu.id()
-            );
+        if !crate::seccomp::confine_or_log(crate::seccomp::ThreadKind::Vcpu) {
+            log::error!("vCPU {} does not run", self.vcpu.id());
             return;
         }
         let mut state = RunState::Paused;
