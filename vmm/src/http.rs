@@ -166,31 +166,9 @@ impl Request {
         Ok(body)
     }
 
-    fn head(code: u16, headers: &[String]) -> String {
-        let mut head = format!("HTTP/1.1 {code} {}\r\n", reason(code));
-        for h in headers {
-            head.push_str(h);
-            head.push_str("\r\n");
-        }
-        head
-    }
-
     /// Answers with a JSON body and closes.
-    pub fn respond_json(mut self, code: u16, body: &serde_json::Value) -> std::io::Result<()> {
-        let body = body.to_string();
-        let mut msg = Self::head(
-            code,
-            &[
-                "Content-Type: application/json".into(),
-                format!("Content-Length: {}", body.len()),
-                "Connection: close".into(),
-            ],
-        );
-        msg.push_str("\r\n");
-        msg.push_str(&body);
-        self.stream.write_all(msg.as_bytes())?;
-        close_gently(self.stream);
-        Ok(())
+    pub fn respond_json(self, code: u16, body: &serde_json::Value) -> std::io::Result<()> {
+        send_json(self.stream, code, body)
     }
 
     /// Answers 200 with a chunked body read from `from` until its end,
@@ -212,7 +190,7 @@ impl Request {
             all.push(format!("Trailer: {name}"));
         }
         let mut out = BufWriter::with_capacity(256 << 10, &self.stream);
-        out.write_all(Self::head(200, &all).as_bytes())?;
+        out.write_all(head(200, &all).as_bytes())?;
         out.write_all(b"\r\n")?;
         let mut buf = vec![0u8; 128 << 10];
         loop {
@@ -247,7 +225,7 @@ impl Request {
             format!("Upgrade: {protocol}"),
         ];
         all.extend_from_slice(headers);
-        let mut msg = Self::head(101, &all);
+        let mut msg = head(101, &all);
         msg.push_str("\r\n");
         self.stream.write_all(msg.as_bytes())?;
         self.stream.set_read_timeout(None)?;
@@ -275,18 +253,39 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-/// Answers a connection that cannot be served with `code` and closes it.
-fn refuse(mut stream: UnixStream, code: u16, message: &str) {
-    let body = serde_json::json!({ "error": message }).to_string();
-    let msg = format!(
-        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        reason(code),
-        body.len()
-    );
-    let _ = stream.set_write_timeout(Some(HEAD_TIMEOUT));
-    if stream.write_all(msg.as_bytes()).is_ok() {
-        close_gently(stream);
+/// A response's status line and `headers`, without the blank line that
+/// ends them.
+fn head(code: u16, headers: &[String]) -> String {
+    let mut head = format!("HTTP/1.1 {code} {}\r\n", reason(code));
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
     }
+    head
+}
+
+/// Answers `code` with a JSON body on `stream` and closes it.
+fn send_json(mut stream: UnixStream, code: u16, body: &serde_json::Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    let mut msg = head(
+        code,
+        &[
+            "Content-Type: application/json".into(),
+            format!("Content-Length: {}", body.len()),
+            "Connection: close".into(),
+        ],
+    );
+    msg.push_str("\r\n");
+    msg.push_str(&body);
+    stream.write_all(msg.as_bytes())?;
+    close_gently(stream);
+    Ok(())
+}
+
+/// Answers a connection that cannot be served with `code` and closes it.
+fn refuse(stream: UnixStream, code: u16, message: &str) {
+    let _ = stream.set_write_timeout(Some(HEAD_TIMEOUT));
+    let _ = send_json(stream, code, &serde_json::json!({ "error": message }));
 }
 
 /// Ends our side of a connection whose request may not have been read

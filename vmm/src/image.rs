@@ -360,14 +360,15 @@ pub fn write(
         for (_, path, file) in &files {
             lens.push(file.metadata().map_err(disk_err(path))?.len());
         }
+        let regions = ram.slices();
         if let Some(p) = how.progress {
-            let memory: u64 = ram.slices().iter().map(|(_, m)| m.len() as u64).sum();
+            let memory: u64 = regions.iter().map(|(_, m)| m.len() as u64).sum();
             let disks: u64 =
                 lens.iter().sum::<u64>() + views.iter().map(|(_, v)| v.len()).sum::<u64>();
             p.start(memory + disks);
             w.report_progress(p.done.clone());
         }
-        w.write_memory(&ram.slices(), None, opts)?;
+        w.write_memory(&regions, None, opts)?;
         for ((id, _, file), len) in files.into_iter().zip(lens) {
             w.write_disk(id, &FileSource { file: &file, len }, opts)?;
         }

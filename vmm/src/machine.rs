@@ -13,7 +13,7 @@
 //! ([`crate::image::write`]) that takes the state and the memory.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 
@@ -88,6 +88,21 @@ pub enum MachineError {
     Host(#[from] HostError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+}
+
+/// From here on, only what `sandbox` allows, and the machine's own vsock
+/// socket (`uds`) and `disks` (a snapshot reads them again, by name).
+/// Called before the machine's first thread starts, so every thread is
+/// confined.
+fn confine(sandbox: &Sandbox, uds: Option<&Path>, disks: &[PathBuf]) -> Result<(), SandboxError> {
+    let mut sandbox = sandbox.clone();
+    if let Some(uds) = uds {
+        sandbox.allow_parent(uds, Allow::Sockets);
+    }
+    for disk in disks {
+        sandbox.allow(disk, Allow::Read);
+    }
+    sandbox.enforce()
 }
 
 /// Where on this host a restored machine lands.
@@ -179,17 +194,13 @@ impl Machine {
             // status as one on the command line does.
             expects_status: !cfg.command.is_empty() || cfg.start_by_agent,
         };
-        // Everything named is open: from here on, only what the sandbox
-        // allows (before the first thread, so every thread is confined).
-        let mut sandbox = sandbox.clone();
-        if let Some(uds) = uds {
-            sandbox.allow_parent(uds, Allow::Sockets);
-        }
-        // A snapshot reads the disks again, by name.
-        for (_, disk) in devices.disks()? {
-            sandbox.allow(disk.path(), Allow::Read);
-        }
-        sandbox.enforce()?;
+        // Everything named is open.
+        let disks: Vec<_> = devices
+            .disks()?
+            .into_iter()
+            .map(|(_, d)| d.path().to_path_buf())
+            .collect();
+        confine(sandbox, uds, &disks)?;
         let agent = AgentChannel::start(agent_rx, events.clone(), None)
             .map_err(MachineError::AgentThread)?;
         Self::assemble(
@@ -227,18 +238,13 @@ impl Machine {
         backends.agent = Some(agent_tx);
         let (state, disks) = image.read_contents(vm.ram(), host.disk_dir)?;
         backends.disks = disks;
-        // The disks are made and every host end is open: from here on, only
-        // what the sandbox allows (before the first thread, so every thread
-        // is confined).
-        let mut sandbox = host.sandbox.clone();
-        if let Some(l) = &backends.vsock {
-            sandbox.allow_parent(l.path(), Allow::Sockets);
-        }
-        // A snapshot reads the disks again, by name.
-        for disk in backends.disks.values() {
-            sandbox.allow(&disk.path, Allow::Read);
-        }
-        sandbox.enforce()?;
+        // The disks are made and every host end is open.
+        let disks: Vec<_> = backends.disks.values().map(|d| d.path.clone()).collect();
+        confine(
+            host.sandbox,
+            backends.vsock.as_ref().map(|l| l.path()),
+            &disks,
+        )?;
         let agent = AgentChannel::start(agent_rx, events.clone(), Some(source.to_string()))
             .map_err(MachineError::AgentThread)?;
         let mut machine = Self::from_state(vm, &state, backends, console, events, timeline, agent)?;

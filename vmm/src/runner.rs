@@ -472,8 +472,7 @@ fn serve(
     snapshot_dir: Option<&Path>,
     progress: &image::Progress,
 ) -> (Result<serde_json::Value, ApiFailure>, bool) {
-    let state =
-        |m: &Machine| serde_json::json!({ "state": format!("{:?}", m.lifecycle()).to_lowercase() });
+    let state = |m: &Machine| serde_json::json!({ "state": lifecycle_name(m.lifecycle()) });
     match request {
         ApiRequest::Pause => (
             machine.pause().map(|()| state(machine)).map_err(failure),
