@@ -7,6 +7,8 @@
 #   $guest/release       its release string (what `uname -r` prints in the guest)
 #   $guest/rootfs.ext4   Debian bookworm minbase + criu, busybox + the guest agent
 #                        as /sbin/vmm-agent (build-rootfs.sh)
+#   $guest/vmm-agent     the guest agent, which `vmm run --image` adds to the
+#                        root disks it makes from container images
 #
 # where $guest is ${VMM_GUEST_DIR:-${VMM_CACHE_DIR:-~/.cache/vmm}/guest}.
 # Idempotent: each piece is cached and only rebuilt when its inputs change. The
@@ -82,6 +84,8 @@ cc -static -O2 -Wall -Werror -I "$repo/guest-agent/ckpt/include" \
     -o "$bindir/vmm-ckpt-counter.tmp" "$here/guest-programs/ckpt-counter.c" \
     "$bindir/libvmm_ckpt.a" -lpthread -ldl -lm -lrt >&2
 mv -f "$bindir/vmm-ckpt-counter.tmp" "$bindir/vmm-ckpt-counter"
+
+place "$agent" "$guest/vmm-agent"
 
 # 3. Root filesystem image, assembled in place in the guest dir.
 if [ "$fresh" = 1 ]; then

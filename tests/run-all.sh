@@ -11,11 +11,14 @@ for cmd in gcc make flex bison bc mkfs.ext4 debugfs mmdebstrap unshare xz patch 
     command -v "$cmd" >/dev/null || need+=("$cmd")
 done
 [ -f /usr/src/linux-source-6.1.tar.xz ] || need+=(linux-source)
+# The container-image tests build their image from a static busybox.
+[ -x /usr/bin/busybox ] && file -L /usr/bin/busybox 2>/dev/null | grep -q 'statically linked' || need+=(busybox-static)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "run-all: installing build dependencies (missing: ${need[*]})"
     apt-get update -qq
     apt-get install -y -qq build-essential flex bison bc libelf-dev libssl-dev \
-        e2fsprogs mmdebstrap util-linux xz-utils patch linux-source-6.1 iproute2 procps >/dev/null
+        e2fsprogs mmdebstrap util-linux xz-utils patch linux-source-6.1 iproute2 procps \
+        busybox-static file >/dev/null
 fi
 command -v cargo >/dev/null || { echo "run-all: cargo is required (rustup)"; exit 1; }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use guest_abi::agent::local::LocalReply;
 use guest_abi::agent::{
-    read_frame, write_frame, Failure, Frame, FrameError, Reply, Request, AGENT_PORT,
+    read_frame, write_frame, Failure, Frame, FrameError, Reply, Request, StartRequest, AGENT_PORT,
     PROTOCOL_VERSION,
 };
 
@@ -75,8 +75,8 @@ enum StartSlot {
     Booting,
     /// Init waits for it.
     Waiting,
-    /// Arrived, not yet taken by init (`None`: an interactive shell).
-    Given(Option<Vec<Vec<u8>>>),
+    /// Arrived, not yet taken by init.
+    Given(StartRequest),
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -115,9 +115,8 @@ impl Agent {
         agent
     }
 
-    /// Blocks until the VMM sends the main command (`Request::Start`);
-    /// `None` means an interactive shell.
-    pub fn wait_for_start(&self) -> Option<Vec<Vec<u8>>> {
+    /// Blocks until the VMM sends the main command (`Request::Start`).
+    pub fn wait_for_start(&self) -> StartRequest {
         let mut slot = lock(&self.start);
         if let StartSlot::Booting = &*slot {
             *slot = StartSlot::Waiting;
@@ -125,11 +124,11 @@ impl Agent {
         }
         loop {
             if let StartSlot::Given(_) = &*slot {
-                let StartSlot::Given(argv) = std::mem::replace(&mut *slot, StartSlot::NotWaiting)
+                let StartSlot::Given(start) = std::mem::replace(&mut *slot, StartSlot::NotWaiting)
                 else {
                     unreachable!("matched just above")
                 };
-                return argv;
+                return start;
             }
             slot = self
                 .started
@@ -139,11 +138,11 @@ impl Agent {
     }
 
     /// Hands the main command to init, once.
-    fn give_start(&self, argv: Option<Vec<Vec<u8>>>) -> Result<Reply, Failure> {
+    fn give_start(&self, start: StartRequest) -> Result<Reply, Failure> {
         let mut slot = lock(&self.start);
         match &*slot {
             StartSlot::Waiting => {
-                *slot = StartSlot::Given(argv);
+                *slot = StartSlot::Given(start);
                 self.started.notify_all();
                 Ok(Reply::Started)
             }
@@ -388,8 +387,8 @@ impl Agent {
                     a.respond(id, Ok(reply));
                 })
             }
-            Request::Start { argv } => {
-                let reply = self.give_start(argv);
+            Request::Start(start) => {
+                let reply = self.give_start(start);
                 return self.respond(id, reply);
             }
             Request::Checkpoint { .. } => {

@@ -147,6 +147,7 @@ fn start(
         controlling_tty: req.tty,
         unshare_flags: 0,
         workdir: CString::from(c"/"),
+        user: None,
         stdio: Some([
             child_fds[0].as_raw_fd(),
             child_fds[1].as_raw_fd(),

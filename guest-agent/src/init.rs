@@ -12,6 +12,8 @@ use std::io::{self, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use guest_abi::agent::StartRequest;
+
 use crate::children;
 use crate::cmdline::{self, Namespaces};
 use crate::command;
@@ -69,25 +71,34 @@ fn run() -> u8 {
     crate::restore::write_generation(0);
 
     EPHEMERAL_ROOT.store(args.ephemeral_root, Ordering::Release);
-    let argv = match args.command {
-        Some(argv) => Some(argv),
+    let start = match args.command {
+        Some(argv) => StartRequest {
+            argv: Some(argv),
+            ..StartRequest::default()
+        },
         // A warm image is taken here: whatever comes next is the run's.
         None if args.start_by_agent => {
             prewarm();
             agent.wait_for_start()
         }
-        None => None,
+        None => StartRequest::default(),
     };
-    let argv = argv.unwrap_or_else(interactive_shell);
-    let env = command::environment(std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec())));
+    let argv = start.argv.unwrap_or_else(interactive_shell);
+    let env = start.env.unwrap_or_else(|| {
+        command::environment(std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec())))
+    });
     let candidates = command::candidates(&argv[0], command::path_of(&env));
     let program = String::from_utf8_lossy(&argv[0]).into_owned();
-    let (Some(argv), Some(envp), Some(candidates)) =
-        (cstrings(argv), cstrings(env), cstrings(candidates))
-    else {
-        // Unreachable: the command was split at NULs and the environment filtered.
+    let workdir = start.workdir.unwrap_or_else(|| b"/".to_vec());
+    let (Some(argv), Some(envp), Some(candidates), Ok(workdir)) = (
+        cstrings(argv),
+        cstrings(env),
+        cstrings(candidates),
+        CString::new(workdir),
+    ) else {
+        // The VMM's strings come from a command line or a JSON document.
         say(format!(
-            "cannot run {program}: an argument contains a NUL byte"
+            "cannot run {program}: an argument, the environment or the working directory contains a NUL byte"
         ));
         return status::CANNOT_EXECUTE;
     };
@@ -97,7 +108,8 @@ fn run() -> u8 {
         envp,
         controlling_tty: true,
         unshare_flags: unshare_flags(args.unshare),
-        workdir: CString::from(c"/"),
+        workdir,
+        user: start.user,
         stdio: None,
     };
     match sys::spawn(&spec) {
@@ -134,6 +146,7 @@ fn prewarm() {
         controlling_tty: false,
         unshare_flags: 0,
         workdir: CString::from(c"/"),
+        user: None,
         stdio: None,
     };
     // Best effort: a root without /bin/true only misses the head start.

@@ -133,6 +133,7 @@ fn run_hooks(hooks: Vec<std::path::PathBuf>, generation: u64, image: &str) -> u3
             controlling_tty: false,
             unshare_flags: 0,
             workdir: CString::from(c"/"),
+            user: None,
             stdio: None,
         };
         match children::spawn(&spec) {

@@ -11,6 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
+use guest_abi::agent::ProcessUser;
+
 fn check(ret: c_int) -> io::Result<c_int> {
     if ret == -1 {
         Err(io::Error::last_os_error())
@@ -233,6 +235,9 @@ pub struct Spawn {
     /// CLONE_NEW* flags for unshare(2); 0 for none.
     pub unshare_flags: c_int,
     pub workdir: CString,
+    /// Whom the process runs as (set after the chdir, as runc does, so a
+    /// directory only root may enter still works); None: the agent's root.
+    pub user: Option<ProcessUser>,
     /// The child's stdin, stdout and stderr; None inherits the agent's.
     pub stdio: Option<[c_int; 3]>,
 }
@@ -246,6 +251,7 @@ pub enum SpawnStep {
     Chdir,
     Exec,
     Stdio,
+    User,
 }
 
 impl SpawnStep {
@@ -257,6 +263,7 @@ impl SpawnStep {
             4 => Self::Chdir,
             5 => Self::Exec,
             6 => Self::Stdio,
+            7 => Self::User,
             _ => return None,
         })
     }
@@ -278,6 +285,7 @@ impl fmt::Display for SpawnError {
             SpawnStep::Chdir => "chdir",
             SpawnStep::Exec => "exec",
             SpawnStep::Stdio => "dup2",
+            SpawnStep::User => "setgroups/setgid/setuid",
         };
         write!(f, "{step}: {}", self.error)
     }
@@ -287,13 +295,15 @@ impl std::error::Error for SpawnError {}
 
 /// What the child reads, prepared by the parent so that the child needs no
 /// allocation; and where the child leaves the step and errno that failed.
-struct ChildArgs {
+struct ChildArgs<'a> {
     candidates: Vec<*const c_char>,
     argv: *const *const c_char,
     envp: *const *const c_char,
     controlling_tty: bool,
     unshare_flags: c_int,
     workdir: *const c_char,
+    /// uid, gid and the supplementary groups.
+    user: Option<(libc::uid_t, libc::gid_t, &'a [libc::gid_t])>,
     stdio: Option<[c_int; 3]>,
     failed_step: AtomicU8,
     failed_errno: AtomicI32,
@@ -316,6 +326,10 @@ pub fn spawn(spec: &Spawn) -> Result<libc::pid_t, SpawnError> {
         controlling_tty: spec.controlling_tty,
         unshare_flags: spec.unshare_flags,
         workdir: spec.workdir.as_ptr(),
+        user: spec
+            .user
+            .as_ref()
+            .map(|u| (u.uid, u.gid, u.groups.as_slice())),
         stdio: spec.stdio,
         failed_step: AtomicU8::new(0),
         failed_errno: AtomicI32::new(0),
@@ -371,7 +385,7 @@ fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
 extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` is the `&ChildArgs` spawn passed to clone, alive and not
     // mutated by the suspended parent until this child execs or exits.
-    let args = unsafe { &*arg.cast_const().cast::<ChildArgs>() };
+    let args = unsafe { &*arg.cast_const().cast::<ChildArgs<'_>>() };
     let fail = |step: SpawnStep, errno: c_int| -> c_int {
         args.failed_errno.store(errno, Ordering::Release);
         args.failed_step.store(step as u8, Ordering::Release);
@@ -403,6 +417,19 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // SAFETY: workdir is a NUL-terminated string owned by the suspended parent.
     if unsafe { libc::chdir(args.workdir) } == -1 {
         return fail(SpawnStep::Chdir, errno());
+    }
+    if let Some((uid, gid, groups)) = args.user {
+        // SAFETY: `groups` points at `groups.len()` gids owned by the
+        // suspended parent; setgid and setuid take no pointers. Groups
+        // first, the uid last: after it, the others are not allowed.
+        let failed = unsafe {
+            libc::setgroups(groups.len(), groups.as_ptr()) == -1
+                || libc::setgid(gid) == -1
+                || libc::setuid(uid) == -1
+        };
+        if failed {
+            return fail(SpawnStep::User, errno());
+        }
     }
 
     // The PATH search of execvp: go on after "not there", remember "not allowed".
@@ -781,6 +808,7 @@ mod tests {
             controlling_tty: false,
             unshare_flags: 0,
             workdir: CString::new("/").unwrap(),
+            user: None,
             stdio: None,
         }
     }
@@ -821,6 +849,42 @@ mod tests {
         std::io::Read::read_to_string(&mut std::fs::File::from(out_r), &mut text).unwrap();
         assert_eq!(wait_for(pid), 0);
         assert_eq!(text, "out\nerr\n");
+    }
+
+    /// Needs root, as the agent has in the guest (and tests have here).
+    #[test]
+    fn spawn_sets_the_user_after_the_working_directory() {
+        // SAFETY: geteuid takes nothing and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: setuid cannot be tested");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("spawn-user-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let (out_r, out_w) = pipe().unwrap();
+        let devnull = open(c"/dev/null", libc::O_RDONLY).unwrap();
+        let mut s = spec(&["/bin/sh"], &["sh", "-c", "id -u; id -g; id -G; pwd"]);
+        s.workdir = CString::new(dir.to_str().unwrap()).unwrap();
+        s.user = Some(ProcessUser {
+            uid: 4321,
+            gid: 4322,
+            groups: vec![4323, 4324],
+        });
+        s.stdio = Some([devnull.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()]);
+        let pid = spawn(&s).unwrap();
+        drop(out_w);
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(out_r), &mut text).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+        assert_eq!(wait_for(pid), 0, "{text}");
+        // The directory (root's, 0700) was entered as root, then the
+        // credentials changed.
+        assert_eq!(
+            text,
+            format!("4321\n4322\n4322 4323 4324\n{}\n", dir.display())
+        );
     }
 
     #[test]

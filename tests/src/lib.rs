@@ -2,6 +2,7 @@
 //! guests under KVM and assert on what the guest itself prints.
 
 pub mod netns;
+pub mod oci;
 pub mod vsock;
 
 /// What the benchmarks share: their knobs and how they print.

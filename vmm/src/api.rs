@@ -130,6 +130,8 @@ pub struct VmInfo {
     pub started: Instant,
     /// `vmm run --name`'s, if any.
     pub name: Option<String>,
+    /// `vmm run --image`'s, if any.
+    pub image: Option<String>,
     /// What the VM is doing, as the main thread last said
     /// ([`VmInfo::set_state`]); read without asking it, so a listing
     /// answers during a long snapshot too.
@@ -713,6 +715,7 @@ fn route(method: &str, url: &str, body: &[u8], upgrade: bool, ctx: &Context) -> 
                 "mem_mib": info.mem_mib,
                 "kernel": info.kernel,
                 "rootfs": info.rootfs,
+                "image": info.image,
                 "uptime_ms": info.started.elapsed().as_millis() as u64,
                 "vmm_version": env!("CARGO_PKG_VERSION"),
                 "pid": std::process::id(),
@@ -784,6 +787,7 @@ mod tests {
             rootfs: None,
             started: Instant::now(),
             name: None,
+            image: None,
             state: Arc::new(Mutex::new("running")),
             progress: Arc::default(),
         }

@@ -40,6 +40,16 @@ pub fn default_rootfs() -> Result<PathBuf, GuestError> {
     find("rootfs", "rootfs.ext4")
 }
 
+/// The guest agent build-guest.sh built (what `--image` adds to a root).
+pub fn default_agent() -> Result<PathBuf, GuestError> {
+    find("agent", "vmm-agent")
+}
+
+/// Where root disks made from container images are kept.
+pub fn image_cache_dir() -> PathBuf {
+    cache_dir().join("images")
+}
+
 fn find(what: &'static str, file: &str) -> Result<PathBuf, GuestError> {
     let p = default_guest_dir().join(file);
     if p.exists() {

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use guest_abi::agent::{ProcessUser, StartRequest};
 use vmm::boot::VmConfig;
 use vmm::events::{SnapshotBody, SnapshotOptions};
 use vmm::runner;
@@ -32,7 +33,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run a command (or a shell) in it.
-    #[command(after_help = "Example:\n  vmm run --name web -- python3 -m http.server")]
+    #[command(
+        after_help = "Examples:\n  vmm run --name web -- python3 -m http.server\n  vmm run --image busybox.tar:busybox:latest -- sh -c 'echo hi'"
+    )]
     Run(RunArgs),
     /// Checkpoint a running VM (through its API socket) into an image.
     #[command(after_help = "Example:\n  vmm snapshot web --out web.img")]
@@ -168,6 +171,7 @@ impl ControlArgs {
         Ok(runner::RunOptions {
             api_sock,
             name: self.name,
+            image: None,
             snapshot_dir,
             checkpoint_on: self.checkpoint_on,
             start: None,
@@ -250,6 +254,13 @@ struct RunArgs {
     /// Root filesystem image (raw ext4), attached as virtio-blk /dev/vda [default: the default guest's].
     #[arg(long)]
     rootfs: Option<PathBuf>,
+    /// Run a container image: an OCI image layout directory or a `docker
+    /// save` / `podman save` archive, PATH or PATH:TAG. Its layers become
+    /// a root disk (made once, then cached) with the guest agent added; its
+    /// Entrypoint, Cmd (replaced by a command after --), Env, WorkingDir and
+    /// User are honoured. Runs are ephemeral and start warm.
+    #[arg(long, value_name = "PATH[:TAG]", conflicts_with = "rootfs")]
+    image: Option<String>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     mem: u64,
@@ -692,8 +703,15 @@ fn agent_cmd(args: AgentArgs) -> anyhow::Result<i32> {
 }
 
 fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
-    let default_rootfs = args.rootfs.is_none();
-    let (kernel, rootfs) = match (args.kernel, args.rootfs) {
+    // A container image: its root disk (made once, then cached) and the
+    // process its config describes.
+    let image = match &args.image {
+        Some(reference) => Some(prepare_image(reference, args.quiet)?),
+        None => None,
+    };
+    let default_rootfs = args.rootfs.is_none() && image.is_none();
+    let rootfs = image.as_ref().map(|i| i.rootfs.clone()).or(args.rootfs);
+    let (kernel, rootfs) = match (args.kernel, rootfs) {
         (None, None) => (
             vmm::guest::default_kernel()?,
             Some(vmm::guest::default_rootfs()?),
@@ -721,11 +739,32 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
         command: args.command,
         nets: args.net,
         vsock: args.vsock,
-        ephemeral: args.ephemeral || default_rootfs,
+        // An image's disk is the cache's: never written.
+        ephemeral: args.ephemeral || default_rootfs || image.is_some(),
         start_by_agent: false,
     };
     let timings = args.timings;
     let mut opts = args.control.options()?;
+    opts.image = args.image.clone();
+    let process = match &image {
+        Some(image) => {
+            // The process goes over the control channel (the kernel's
+            // command line could not hold an image's environment).
+            let process = image_process(image, &cfg.command)?;
+            cfg.command.clear();
+            cfg.start_by_agent = true;
+            opts.start = Some(runner::StartPlan {
+                process: process.clone(),
+                save_warm: None,
+            });
+            process
+        }
+        None => StartRequest {
+            argv: (!cfg.command.is_empty())
+                .then(|| cfg.command.iter().map(|a| a.as_bytes().to_vec()).collect()),
+            ..StartRequest::default()
+        },
+    };
     // A bad configuration is reported as such, not as a warm-start miss.
     cfg.validate().context("cannot run the VM")?;
     // A warm image holds no TAP or host socket of its own: machines with
@@ -740,7 +779,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
             Ok((cache, key)) => {
                 if let Some(image) = cache.lookup(&key) {
                     opts.start = Some(runner::StartPlan {
-                        command: cfg.command.clone(),
+                        process: process.clone(),
                         save_warm: None,
                     });
                     match runner::warm_start(&image, &opts, start) {
@@ -766,7 +805,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
                 }
                 cfg.start_by_agent = true;
                 opts.start = Some(runner::StartPlan {
-                    command: cfg.command.clone(),
+                    process,
                     save_warm: Some((cache, key)),
                 });
             }
@@ -792,6 +831,61 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
     }
     let finished = runner::run(cfg, &opts, start).context("cannot run the VM")?;
     Ok(report(finished, timings))
+}
+
+/// Opens the image `reference` and makes (or finds) its root disk.
+fn prepare_image(reference: &str, quiet: bool) -> anyhow::Result<container_image::Prepared> {
+    let context = || format!("cannot use the image {reference}");
+    let image = container_image::Image::open(reference).with_context(context)?;
+    let agent = vmm::guest::default_agent().with_context(context)?;
+    let cache =
+        container_image::ImageCache::open(&vmm::guest::image_cache_dir()).with_context(context)?;
+    if !quiet && std::io::stderr().is_terminal() && !cache.has(&image, &agent) {
+        let note = format!(
+            "vmm: making a root disk of {reference} ({}), once: later runs use it again\n",
+            short_id(image.id())
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), note.as_bytes());
+    }
+    let t0 = Instant::now();
+    let (prepared, built) = cache.prepare(&image, &agent).with_context(context)?;
+    if built {
+        log::info!(
+            "root disk of {reference} made in {:?}: {}",
+            t0.elapsed(),
+            prepared.rootfs.display()
+        );
+    }
+    Ok(prepared)
+}
+
+/// The image's id as docker shows it: 12 hex digits.
+fn short_id(id: &str) -> &str {
+    let hex = id.strip_prefix("sha256:").unwrap_or(id);
+    &hex[..12.min(hex.len())]
+}
+
+/// What the agent runs for an image: its config, with `command` (if any)
+/// in place of its Cmd.
+fn image_process(
+    image: &container_image::Prepared,
+    command: &[String],
+) -> anyhow::Result<StartRequest> {
+    let p = &image.process;
+    let bytes = |v: &[String]| v.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let argv = p
+        .argv(command)
+        .with_context(|| format!("cannot run the image {}", image.reference))?;
+    Ok(StartRequest {
+        argv: Some(bytes(&argv)),
+        env: Some(bytes(&p.env)),
+        workdir: Some(p.workdir.as_bytes().to_vec()),
+        user: Some(ProcessUser {
+            uid: p.uid,
+            gid: p.gid,
+            groups: p.groups.clone(),
+        }),
+    })
 }
 
 /// The warm-start cache and this machine's key in it.
@@ -919,7 +1013,7 @@ fn ps_cmd(json: bool) -> anyhow::Result<i32> {
     } else {
         let mut t = format!(
             "{:<16} {:>8} {:>5} {:>8} {:<12} {:>8}  {}\n",
-            "NAME", "PID", "VCPUS", "MEMORY", "STATE", "UPTIME", "KERNEL / ROOTFS"
+            "NAME", "PID", "VCPUS", "MEMORY", "STATE", "UPTIME", "IMAGE / KERNEL ON ROOTFS"
         );
         for v in &vms {
             let uptime = std::time::Duration::from_millis(v["uptime_ms"].as_u64().unwrap_or(0));
@@ -932,9 +1026,13 @@ fn ps_cmd(json: bool) -> anyhow::Result<i32> {
                 format!("{} MiB", v["mem_mib"]),
                 v["state"].as_str().unwrap_or("?"),
                 ago(now, now - uptime),
-                v["kernel"].as_str().unwrap_or("?"),
+                match v["image"].as_str() {
+                    Some(image) => format!("image {image}"),
+                    None => v["kernel"].as_str().unwrap_or("?").to_string(),
+                },
                 v["rootfs"]
                     .as_str()
+                    .filter(|_| v["image"].is_null())
                     .map(|r| format!(" on {r}"))
                     .unwrap_or_default(),
             ));

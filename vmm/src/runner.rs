@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::api::{ApiError, ApiServer, VmInfo};
 use crate::boot::VmConfig;
 use crate::device_manager::{DeviceManager, RestoreOverrides};
-use guest_abi::agent::{Reply, Request};
+use guest_abi::agent::{Reply, Request, StartRequest};
 
 use crate::agent::{AgentChannel, AgentError};
 use crate::checkpoint::{self, checkpoint_path};
@@ -68,6 +68,8 @@ pub struct RunOptions {
     pub api_sock: Option<PathBuf>,
     /// The VM's name (`--name`), reported by the API.
     pub name: Option<String>,
+    /// The container image it runs (`--image`), reported by the API.
+    pub image: Option<String>,
     /// Where checkpoints asked for by the guest, a signal or
     /// `PUT /vm/checkpoint` go; without it they are refused.
     pub snapshot_dir: Option<PathBuf>,
@@ -92,11 +94,10 @@ pub enum Report {
     Json,
 }
 
-/// The container command, handed to the agent when it is ready.
+/// The container's main process, handed to the agent when it is ready.
 #[derive(Debug, Clone)]
 pub struct StartPlan {
-    /// Empty: an interactive shell.
-    pub command: Vec<String>,
+    pub process: StartRequest,
     /// First save a warm image of the waiting guest in this cache.
     pub save_warm: Option<(WarmCache, WarmKey)>,
 }
@@ -261,6 +262,7 @@ fn run_machine(
                         .map(|(_, d)| d.path().display().to_string()),
                     started: start,
                     name: opts.name.clone(),
+                    image: opts.image.clone(),
                     state: state.clone(),
                     progress: progress.clone(),
                 },
@@ -356,10 +358,11 @@ fn start_command(machine: &mut Machine, plan: StartPlan, start: Instant) -> Resu
     if let Some((cache, key)) = &plan.save_warm {
         save_warm(machine, cache, key, start)?;
     }
-    let argv = (!plan.command.is_empty())
-        .then(|| plan.command.iter().map(|a| a.as_bytes().to_vec()).collect());
     let t0 = Instant::now();
-    match machine.agent().call(Request::Start { argv }, START_TIMEOUT) {
+    match machine
+        .agent()
+        .call(Request::Start(plan.process), START_TIMEOUT)
+    {
         Ok(Reply::Started) => {
             log::info!(
                 "command handed to the agent in {:?}, {:?} after start",

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 /// The host port the agent connects to.
 pub const AGENT_PORT: u32 = 52;
 /// Bumped on any incompatible change to [`Frame`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// The most output one [`Frame::Output`] carries.
@@ -98,10 +98,35 @@ pub enum Request {
     /// is only a name; the VMM decides the directory.
     Checkpoint { name: Option<String> },
     /// VMM to agent, to a guest booted with `vmm.start=agent`: run the
-    /// container's main process (`argv`; `None`: an interactive shell) as a
-    /// boot with `vmm.cmd=` would. Answered [`Reply::Started`] once it is
-    /// handed over; the command's end ends the VM as usual.
-    Start { argv: Option<Vec<Vec<u8>>> },
+    /// container's main process as a boot with `vmm.cmd=` would. Answered
+    /// [`Reply::Started`] once it is handed over; the command's end ends
+    /// the VM as usual.
+    Start(StartRequest),
+}
+
+/// The container's main process, as the VMM hands it to a waiting agent.
+/// What is `None` is as a boot with `vmm.cmd=` has it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRequest {
+    /// `None`: an interactive shell.
+    pub argv: Option<Vec<Vec<u8>>>,
+    /// The whole environment (`NAME=value` entries), instead of the one the
+    /// agent makes from the kernel's (a container image's `Env`).
+    pub env: Option<Vec<Vec<u8>>>,
+    /// The working directory; `None`: `/`.
+    pub workdir: Option<Vec<u8>>,
+    /// Whom the process runs as; `None`: root.
+    pub user: Option<ProcessUser>,
+}
+
+/// Numeric credentials, resolved by the VMM (from the image's /etc/passwd
+/// and /etc/group).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
 }
 
 /// A command to run in the guest.

@@ -1,0 +1,466 @@
+//! Root disks made from images, cached: `DIR/<id>-<agent>/rootfs.ext4`
+//! and `image.json` (the [`Prepared`] record), where `<id>` is the image
+//! id's first 16 hex digits and `<agent>` the agent's. A disk is built in
+//! `DIR/.build-<name>/` under an exclusive lock on `DIR/.lock` and renamed
+//! into place whole, so a reader never sees half of one and two runs of a
+//! new image build it once.
+//!
+//! Building: each layer is streamed (decompressed as its media type, or
+//! its first bytes, say), checked against its digests as it goes, and
+//! applied to a staging directory ([`crate::unpack`]); the agent is added
+//! at [`AGENT_PATH`], WorkingDir made; `mkfs.ext4 -d` packs the tree into
+//! a sparse file. Run as root: files keep their owners.
+
+use std::cell::RefCell;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::rc::Rc;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::select::{hex, Compression};
+use crate::unpack::{Root, UnpackError};
+use crate::user::{self, UserError};
+use crate::{Image, Prepared, Process, SourceError, AGENT_PATH, DEFAULT_PATH};
+
+const RECORD: &str = "image.json";
+const DISK: &str = "rootfs.ext4";
+/// The smallest disk made, and the room left beyond the content (the
+/// file is sparse: free space costs nothing on the host).
+const MIN_DISK: u64 = 1 << 30;
+const HEADROOM: u64 = 512 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot use the image cache {path}")]
+    Dir {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot read the guest agent {path} (build the default guest: resources/build-guest.sh)"
+    )]
+    Agent {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("cannot read layer {layer} of {image}")]
+    Layer {
+        layer: usize,
+        image: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {layer} of {image} does not match its {what} digest {expected} (it hashes to {actual}): the image is damaged")]
+    LayerDigest {
+        layer: usize,
+        image: String,
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("cannot unpack {image}")]
+    Unpack {
+        image: String,
+        #[source]
+        source: UnpackError,
+    },
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error("cannot {what} in the image's root")]
+    Place {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot run mkfs.ext4 (install e2fsprogs)")]
+    Mkfs(#[source] io::Error),
+    #[error("mkfs.ext4 failed ({status}): {stderr}")]
+    MkfsFailed { status: String, stderr: String },
+    #[error("cannot record the root disk in {path}")]
+    Record {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The cache directory of image root disks.
+#[derive(Debug, Clone)]
+pub struct ImageCache {
+    dir: PathBuf,
+}
+
+impl ImageCache {
+    pub fn open(dir: &Path) -> Result<Self, CacheError> {
+        fs::create_dir_all(dir).map_err(|source| CacheError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Ok(ImageCache {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The root disk of `image` with `agent` inside: the cached one, or one
+    /// built now. The flag says whether it was built.
+    pub fn prepare(&self, image: &Image, agent: &Path) -> Result<(Prepared, bool), CacheError> {
+        let agent_bytes = fs::read(agent).map_err(|source| CacheError::Agent {
+            path: agent.display().to_string(),
+            source,
+        })?;
+        let name = entry_name(image.id(), &hex(&Sha256::digest(&agent_bytes)));
+        if let Some(p) = self.lookup(&name) {
+            return Ok((p, false));
+        }
+        let lock = self.lock()?;
+        // Someone may have built it while we waited.
+        if let Some(p) = self.lookup(&name) {
+            return Ok((p, false));
+        }
+        let built = self.build(image, &agent_bytes, &name);
+        drop(lock);
+        built.map(|p| (p, true))
+    }
+
+    /// Whether the disk of `image` with `agent` is cached (no building).
+    pub fn has(&self, image: &Image, agent: &Path) -> bool {
+        fs::read(agent)
+            .map(|a| entry_name(image.id(), &hex(&Sha256::digest(&a))))
+            .is_ok_and(|name| self.lookup(&name).is_some())
+    }
+
+    fn lookup(&self, name: &str) -> Option<Prepared> {
+        let dir = self.dir.join(name);
+        let text = fs::read(dir.join(RECORD)).ok()?;
+        let mut p: Prepared = serde_json::from_slice(&text).ok()?;
+        p.rootfs = dir.join(DISK);
+        p.rootfs.is_file().then_some(p)
+    }
+
+    fn lock(&self) -> Result<File, CacheError> {
+        let path = self.dir.join(".lock");
+        let f = File::create(&path)
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|source| CacheError::Dir {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(f)
+    }
+
+    fn build(&self, image: &Image, agent: &[u8], name: &str) -> Result<Prepared, CacheError> {
+        let build = self.dir.join(format!(".build-{name}"));
+        let dir_err = |source| CacheError::Dir {
+            path: build.display().to_string(),
+            source,
+        };
+        // A build killed midway left this; we hold the lock.
+        if build.exists() {
+            fs::remove_dir_all(&build).map_err(dir_err)?;
+        }
+        let staging = build.join("root");
+        fs::create_dir_all(&staging).map_err(dir_err)?;
+        let result = self.build_in(image, agent, &build, &staging, name);
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&build);
+        }
+        result
+    }
+
+    fn build_in(
+        &self,
+        image: &Image,
+        agent: &[u8],
+        build: &Path,
+        staging: &Path,
+        name: &str,
+    ) -> Result<Prepared, CacheError> {
+        let display = image.source.display().to_string();
+        let root = Root::open(staging).map_err(|source| CacheError::Unpack {
+            image: display.clone(),
+            source,
+        })?;
+        let mut content_bytes = 0;
+        let mut entries = 0;
+        for (i, layer) in image.selected.layers.iter().enumerate() {
+            let n = i + 1;
+            log::info!(
+                "image {display}: applying layer {n} of {}",
+                image.selected.layers.len()
+            );
+            let raw = Hashing::new(image.source.open_file(&layer.file)?);
+            let raw_hash = raw.state.clone();
+            let read_err = |source| CacheError::Layer {
+                layer: n,
+                image: display.clone(),
+                source,
+            };
+            let decoded = decompress(raw, layer.compression).map_err(read_err)?;
+            let tar = Hashing::new(decoded);
+            let tar_hash = tar.state.clone();
+            let stats = root
+                .apply_layer(n, tar)
+                .map_err(|source| CacheError::Unpack {
+                    image: display.clone(),
+                    source,
+                })?;
+            content_bytes += stats.bytes;
+            entries += stats.entries;
+            let check = |what, expected: &str, actual: String| {
+                if expected.eq_ignore_ascii_case(&actual) {
+                    Ok(())
+                } else {
+                    Err(CacheError::LayerDigest {
+                        layer: n,
+                        image: display.clone(),
+                        what,
+                        expected: expected.to_string(),
+                        actual,
+                    })
+                }
+            };
+            check("content", &layer.diff_id, finish(&tar_hash))?;
+            if let Some(d) = &layer.digest {
+                check("blob", d, finish(&raw_hash))?;
+            }
+            if stats.devices_skipped > 0 {
+                log::info!(
+                    "image {display}: layer {n}: {} device node(s) skipped (the guest's /dev is its own)",
+                    stats.devices_skipped
+                );
+            }
+        }
+        let process = self.finish_root(image, agent, &root)?;
+        let disk = build.join(DISK);
+        let size = (content_bytes * 2 + HEADROOM)
+            .max(MIN_DISK)
+            .next_multiple_of(1 << 20);
+        make_ext4(staging, &disk, size, entries)?;
+        let prepared = Prepared {
+            id: image.id().to_string(),
+            reference: image.reference.clone(),
+            process,
+            rootfs: PathBuf::new(),
+            content_bytes,
+        };
+        let record = build.join(RECORD);
+        let rec_err = |source| CacheError::Record {
+            path: record.display().to_string(),
+            source,
+        };
+        let json = serde_json::to_vec_pretty(&prepared)
+            .map_err(io::Error::other)
+            .map_err(rec_err)?;
+        fs::write(&record, json).map_err(rec_err)?;
+        fs::remove_dir_all(staging).map_err(rec_err)?;
+        let dest = self.dir.join(name);
+        if dest.exists() {
+            // A damaged entry (lookup found it unusable).
+            fs::remove_dir_all(&dest).map_err(rec_err)?;
+        }
+        fs::rename(build, &dest).map_err(rec_err)?;
+        Ok(Prepared {
+            rootfs: dest.join(DISK),
+            ..prepared
+        })
+    }
+
+    /// Adds the agent and WorkingDir; resolves User and Env.
+    fn finish_root(&self, image: &Image, agent: &[u8], root: &Root) -> Result<Process, CacheError> {
+        let place = |what: &str| {
+            let what = what.to_string();
+            move |source| CacheError::Place { what, source }
+        };
+        let (dir, file) = AGENT_PATH.rsplit_once('/').unwrap_or(("", AGENT_PATH));
+        let agent_path = root
+            .dir(dir)
+            .map_err(place("add the guest agent"))?
+            .join(file);
+        let _ = fs::remove_file(&agent_path);
+        fs::write(&agent_path, agent).map_err(place("add the guest agent"))?;
+        fs::set_permissions(
+            &agent_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .map_err(place("add the guest agent"))?;
+
+        let config = image.selected.config.config().clone().unwrap_or_default();
+        let workdir = config
+            .working_dir()
+            .clone()
+            .filter(|w| !w.is_empty())
+            .map(|w| format!("/{}", w.trim_start_matches('/')))
+            .unwrap_or_else(|| "/".into());
+        root.dir(workdir.trim_start_matches('/'))
+            .map_err(place(&format!("make the WorkingDir {workdir}")))?;
+        let read_etc = |name: &str| {
+            root.resolve(name)
+                .and_then(fs::read)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        let spec = config.user().clone().unwrap_or_default();
+        let user = user::resolve(&spec, &read_etc("etc/passwd"), &read_etc("etc/group"))?;
+        let mut env = config.env().clone().unwrap_or_default();
+        let has =
+            |env: &[String], name: &str| env.iter().any(|e| e.split('=').next() == Some(name));
+        if !has(&env, "PATH") {
+            env.push(DEFAULT_PATH.into());
+        }
+        if !has(&env, "HOME") {
+            env.push(format!("HOME={}", user.home));
+        }
+        Ok(Process {
+            entrypoint: config.entrypoint().clone().unwrap_or_default(),
+            cmd: config.cmd().clone().unwrap_or_default(),
+            env,
+            workdir,
+            uid: user.uid,
+            gid: user.gid,
+            groups: user.groups,
+        })
+    }
+}
+
+fn entry_name(id: &str, agent_hex: &str) -> String {
+    let id = id.strip_prefix("sha256:").unwrap_or(id);
+    format!(
+        "{}-{}",
+        &id[..16.min(id.len())],
+        &agent_hex[..12.min(agent_hex.len())]
+    )
+}
+
+/// Packs `tree` into a new ext4 image `disk` of `size` bytes (sparse).
+/// No journal: the disk is the base of an overlay that ends with the VM.
+fn make_ext4(tree: &Path, disk: &Path, size: u64, entries: u64) -> Result<(), CacheError> {
+    let f = File::create(disk).map_err(CacheError::Mkfs)?;
+    f.set_len(size).map_err(CacheError::Mkfs)?;
+    drop(f);
+    let inodes = entries + 65536;
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal",
+            "-L",
+            "vmm-image",
+        ])
+        .arg("-N")
+        .arg(inodes.to_string())
+        .arg("-E")
+        .arg("root_owner=0:0")
+        .arg("-d")
+        .arg(tree)
+        .arg(disk)
+        .output()
+        .map_err(CacheError::Mkfs)?;
+    if !out.status.success() {
+        return Err(CacheError::MkfsFailed {
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace('\n', "; "),
+        });
+    }
+    Ok(())
+}
+
+/// A layer's bytes, decompressed.
+fn decompress<'a>(raw: impl Read + 'a, how: Compression) -> io::Result<Box<dyn Read + 'a>> {
+    let mut raw = BufReader::new(raw);
+    let how = match how {
+        Compression::Sniff => {
+            let head = raw.fill_buf()?;
+            if head.starts_with(&[0x1f, 0x8b]) {
+                Compression::Gzip
+            } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                Compression::Zstd
+            } else {
+                Compression::None
+            }
+        }
+        other => other,
+    };
+    Ok(match how {
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(raw)?),
+        Compression::None | Compression::Sniff => Box::new(raw),
+    })
+}
+
+/// A reader that hashes what passes through it, into a state the caller
+/// keeps (the reader itself goes into the decoder and the tar reader).
+struct Hashing<R> {
+    inner: R,
+    state: Rc<RefCell<Sha256>>,
+}
+
+impl<R: Read> Hashing<R> {
+    fn new(inner: R) -> Self {
+        Hashing {
+            inner,
+            state: Rc::new(RefCell::new(Sha256::new())),
+        }
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.state.borrow_mut().update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn finish(state: &Rc<RefCell<Sha256>>) -> String {
+    format!("sha256:{}", hex(&state.borrow().clone().finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_decompression() {
+        assert_eq!(
+            entry_name(&format!("sha256:{}", "ab".repeat(32)), &"cd".repeat(32)),
+            "abababababababab-cdcdcdcdcdcd"
+        );
+        let data = b"tar bytes".repeat(100);
+        let gz = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            io::Write::write_all(&mut e, &data).unwrap();
+            e.finish().unwrap()
+        };
+        let zs = zstd::encode_all(data.as_slice(), 1).unwrap();
+        for (bytes, how) in [
+            (&gz, Compression::Gzip),
+            (&gz, Compression::Sniff),
+            (&zs, Compression::Zstd),
+            (&zs, Compression::Sniff),
+            (&data, Compression::None),
+            (&data, Compression::Sniff),
+        ] {
+            let mut out = Vec::new();
+            decompress(bytes.as_slice(), how)
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
+            assert_eq!(out, data, "{how:?}");
+        }
+        let mut h = Hashing::new(&b""[..]);
+        h.read_to_end(&mut Vec::new()).unwrap();
+        assert_eq!(finish(&h.state), crate::select::sha256_of(b""));
+    }
+}
