@@ -16,18 +16,23 @@ use vmm_tests::{guest_dir, kvm_available, Outcome, Running, Scratch};
 /// A cold boot here takes about 90 s.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 
-fn run(dir: &Path, cache: &Path, args: &[&str]) -> Outcome {
+/// `vmm ARGS` with the private cache.
+fn vmm(dir: &Path, cache: &Path, args: &[&str]) -> Outcome {
     let guest = guest_dir();
     let env = [
         ("VMM_CACHE_DIR", cache),
         ("VMM_GUEST_DIR", guest.as_path()),
         ("RUST_LOG", Path::new("info")),
     ];
-    let mut full = vec!["run"];
-    full.extend_from_slice(args);
-    let mut r = Running::spawn_env(&full, dir, &env);
+    let mut r = Running::spawn_env(args, dir, &env);
     r.close_stdin();
     r.finish(BOOT_TIMEOUT)
+}
+
+fn run(dir: &Path, cache: &Path, args: &[&str]) -> Outcome {
+    let mut full = vec!["run"];
+    full.extend_from_slice(args);
+    vmm(dir, cache, &full)
 }
 
 fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
@@ -131,6 +136,23 @@ fn an_image_runs_as_its_config_says_from_a_layout_and_an_archive() {
     let entry = &disks(&cache)[0];
     let mtime = |p: PathBuf| std::fs::metadata(p).unwrap().modified().unwrap();
     assert!(mtime(entry.join("rootfs.ext4")) <= mtime(entry.join("image.json")));
+
+    // `vmm cache ls` shows the disk and what it was made of; `rm` removes it.
+    let o = vmm(&s.0, &cache, &["cache", "ls", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&o.stdout).expect("cache ls --json");
+    let disk = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "image")
+        .unwrap_or_else(|| panic!("no image disk listed: {listed}"));
+    assert_eq!(disk["id"], image.id.as_str(), "{disk}");
+    assert_eq!(disk["image"], image.layout.to_str().unwrap(), "{disk}");
+    let name = disk["name"].as_str().unwrap();
+    assert_eq!(entry.file_name().unwrap(), name);
+    let o = vmm(&s.0, &cache, &["cache", "rm", name]);
+    assert_eq!(o.status, Some(0), "{}", o.stderr);
+    assert!(disks(&cache).is_empty(), "{:?}", disks(&cache));
 }
 
 /// Bad images are one line naming the problem, before any VM starts.

@@ -49,7 +49,7 @@ enum Command {
     /// Talk to the guest agent of a running VM.
     #[command(after_help = "Example:\n  vmm agent web exec -- ls /")]
     Agent(AgentArgs),
-    /// Show or remove the warm images `vmm run` starts from.
+    /// Show or remove the warm images `vmm run` starts from, and the root disks of images.
     #[command(after_help = "Example:\n  vmm cache ls")]
     Cache(CacheArgs),
     /// List the running VMs that have a name (vmm run --name).
@@ -78,24 +78,29 @@ struct CacheArgs {
 
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// List the warm images: name, size, age, last use, what they boot.
+    /// List the warm images (name, size, age, last use, what they boot)
+    /// and the root disks made of container images.
     Ls {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Remove warm images by name (or all of them).
+    /// Remove warm images or image root disks by name (or all of them).
     Rm {
         #[arg(required_unless_present = "all")]
         names: Vec<String>,
         #[arg(long, conflicts_with = "names")]
         all: bool,
     },
-    /// Remove the least recently used warm images beyond a total size.
+    /// Remove the least recently used warm images, and image root disks,
+    /// beyond a total size for each.
     Prune {
-        /// The size to keep, in MiB.
+        /// The size of warm images to keep, in MiB.
         #[arg(long, value_name = "MIB", default_value_t = vmm::warm::DEFAULT_MAX_BYTES >> 20)]
         max_size: u64,
+        /// The size of image root disks to keep (blocks they take), in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = container_image::DEFAULT_MAX_BYTES >> 20)]
+        max_disks_size: u64,
     },
 }
 
@@ -908,15 +913,22 @@ fn report(finished: runner::Finished, timings: bool) -> i32 {
 fn cache_cmd(args: CacheArgs) -> anyhow::Result<i32> {
     use std::io::Write;
     let cache = vmm::warm::WarmCache::open_default()?;
+    let disks = container_image::ImageCache::open(&vmm::guest::image_cache_dir())?;
     let mut out = String::new();
     match args.command {
         CacheCommand::Ls { json } => {
             let list = cache.list();
+            let disk_list = disks.list();
+            let secs = |t: std::time::SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            };
             if json {
-                let v: Vec<serde_json::Value> = list
+                let mut v: Vec<serde_json::Value> = list
                     .iter()
                     .map(|l| {
                         serde_json::json!({
+                            "kind": "warm",
                             "name": l.name,
                             "bytes": l.bytes,
                             "created": l.entry.created,
@@ -926,6 +938,18 @@ fn cache_cmd(args: CacheArgs) -> anyhow::Result<i32> {
                         })
                     })
                     .collect();
+                v.extend(disk_list.iter().map(|d| {
+                    serde_json::json!({
+                        "kind": "image",
+                        "name": d.name,
+                        "bytes": d.bytes,
+                        "created": d.prepared.created,
+                        "last_used": secs(d.last_used),
+                        "image": d.prepared.reference,
+                        "id": d.prepared.id,
+                        "rootfs": d.prepared.rootfs,
+                    })
+                }));
                 out = serde_json::to_string_pretty(&v)? + "\n";
             } else {
                 out.push_str(&format!(
@@ -957,25 +981,83 @@ fn cache_cmd(args: CacheArgs) -> anyhow::Result<i32> {
                     total as f64 / (1 << 20) as f64,
                     cache.dir().display()
                 ));
+                if !disk_list.is_empty() {
+                    out.push_str(&format!(
+                        "\n{:<29}  {:>9}  {:>7}  {:>9}  {}\n",
+                        "IMAGE ROOT DISK", "SIZE", "AGE", "USED", "IMAGE"
+                    ));
+                    for d in &disk_list {
+                        let created = std::time::UNIX_EPOCH
+                            + std::time::Duration::from_secs(d.prepared.created);
+                        let age = if d.prepared.created == 0 {
+                            "?".to_string()
+                        } else {
+                            ago(now, created)
+                        };
+                        out.push_str(&format!(
+                            "{:<29}  {:>5.1} MiB  {:>7}  {:>9}  {} ({})\n",
+                            d.name,
+                            d.bytes as f64 / (1 << 20) as f64,
+                            age,
+                            ago(now, d.last_used),
+                            d.prepared.reference,
+                            short_id(&d.prepared.id),
+                        ));
+                    }
+                    let total: u64 = disk_list.iter().map(|d| d.bytes).sum();
+                    out.push_str(&format!(
+                        "{} image root disks, {:.1} MiB in {}\n",
+                        disk_list.len(),
+                        total as f64 / (1 << 20) as f64,
+                        vmm::guest::image_cache_dir().display()
+                    ));
+                }
             }
         }
         CacheCommand::Rm { names, all } => {
-            let names = if all {
-                cache.list().into_iter().map(|l| l.name).collect()
-            } else {
-                names
-            };
+            if all {
+                for l in cache.list() {
+                    cache.remove(&l.name)?;
+                    out.push_str(&format!("removed {}\n", l.name));
+                }
+                for d in disks.list() {
+                    disks.remove(&d.name)?;
+                    out.push_str(&format!("removed {}\n", d.name));
+                }
+            }
             for n in &names {
-                cache.remove(n)?;
+                // Names differ: a warm image's is 16 hex digits, a disk's
+                // 16, a dash and 12.
+                match cache.remove(n) {
+                    Err(vmm::warm::WarmError::NoSuchEntry(_)) => disks.remove(n).map_err(|_| {
+                        anyhow::anyhow!(
+                            "no warm image or image root disk is named {n} (see vmm cache ls)"
+                        )
+                    })?,
+                    other => other?,
+                }
                 out.push_str(&format!("removed {n}\n"));
             }
         }
-        CacheCommand::Prune { max_size } => {
+        CacheCommand::Prune {
+            max_size,
+            max_disks_size,
+        } => {
             let removed = cache.prune(max_size.saturating_mul(1 << 20));
             for r in &removed {
                 out.push_str(&format!("removed {} ({} bytes)\n", r.name, r.bytes));
             }
-            out.push_str(&format!("{} removed\n", removed.len()));
+            let removed_disks = disks.prune(max_disks_size.saturating_mul(1 << 20))?;
+            for d in &removed_disks {
+                out.push_str(&format!(
+                    "removed {} ({}, {} bytes)\n",
+                    d.name, d.prepared.reference, d.bytes
+                ));
+            }
+            out.push_str(&format!(
+                "{} removed\n",
+                removed.len() + removed_disks.len()
+            ));
         }
     }
     std::io::stdout().write_all(out.as_bytes())?;

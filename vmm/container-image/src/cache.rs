@@ -14,9 +14,11 @@
 use std::cell::RefCell;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 
@@ -31,6 +33,9 @@ const DISK: &str = "rootfs.ext4";
 /// file is sparse: free space costs nothing on the host).
 const MIN_DISK: u64 = 1 << 30;
 const HEADROOM: u64 = 512 << 20;
+/// What the disks may take on the host together (allocated blocks) before
+/// making a new one removes the least recently used.
+pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -83,6 +88,14 @@ pub enum CacheError {
     Mkfs(#[source] io::Error),
     #[error("mkfs.ext4 failed ({status}): {stderr}")]
     MkfsFailed { status: String, stderr: String },
+    #[error("no root disk of an image is named {0} (see vmm cache ls)")]
+    NoSuchDisk(String),
+    #[error("cannot remove {path}")]
+    Remove {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot record the root disk in {path}")]
     Record {
         path: String,
@@ -95,6 +108,16 @@ pub enum CacheError {
 #[derive(Debug, Clone)]
 pub struct ImageCache {
     dir: PathBuf,
+}
+
+/// A disk in the cache, as `vmm cache ls` shows it.
+#[derive(Debug, Clone)]
+pub struct CachedDisk {
+    pub name: String,
+    pub prepared: Prepared,
+    /// What it takes on the host (allocated blocks: the file is sparse).
+    pub bytes: u64,
+    pub last_used: SystemTime,
 }
 
 impl ImageCache {
@@ -116,17 +139,98 @@ impl ImageCache {
             source,
         })?;
         let name = entry_name(image.id(), &hex(&Sha256::digest(&agent_bytes)));
-        if let Some(p) = self.lookup(&name) {
+        if let Some(p) = self.use_entry(&name) {
             return Ok((p, false));
         }
         let lock = self.lock()?;
         // Someone may have built it while we waited.
-        if let Some(p) = self.lookup(&name) {
+        if let Some(p) = self.use_entry(&name) {
             return Ok((p, false));
         }
-        let built = self.build(image, &agent_bytes, &name);
+        let built = self.build(image, &agent_bytes, &name)?;
+        for removed in self.prune_except(DEFAULT_MAX_BYTES, &name) {
+            log::info!(
+                "image cache: removed {} ({}), least recently used beyond {} GiB",
+                removed.name,
+                removed.prepared.reference,
+                DEFAULT_MAX_BYTES >> 30
+            );
+        }
         drop(lock);
-        built.map(|p| (p, true))
+        Ok((built, true))
+    }
+
+    /// [`Self::lookup`], marking the disk used now (its record's mtime).
+    fn use_entry(&self, name: &str) -> Option<Prepared> {
+        let p = self.lookup(name)?;
+        let record = self.dir.join(name).join(RECORD);
+        if let Ok(f) = File::options().append(true).open(record) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+        Some(p)
+    }
+
+    /// The disks, most recently used first.
+    pub fn list(&self) -> Vec<CachedDisk> {
+        let Ok(dir) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<CachedDisk> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    return None;
+                }
+                let prepared = self.lookup(&name)?;
+                let meta = |p: &Path| fs::symlink_metadata(p).ok();
+                let record = meta(&e.path().join(RECORD))?;
+                let disk = meta(&prepared.rootfs)?;
+                Some(CachedDisk {
+                    name,
+                    bytes: (disk.blocks() + record.blocks()) * 512,
+                    last_used: record.modified().unwrap_or(UNIX_EPOCH),
+                    prepared,
+                })
+            })
+            .collect();
+        out.sort_by_key(|d| std::cmp::Reverse(d.last_used));
+        out
+    }
+
+    /// Removes the disk `name`.
+    pub fn remove(&self, name: &str) -> Result<(), CacheError> {
+        if name.is_empty() || name.starts_with('.') || name.contains('/') {
+            return Err(CacheError::NoSuchDisk(name.into()));
+        }
+        let dir = self.dir.join(name);
+        if !dir.join(RECORD).exists() {
+            return Err(CacheError::NoSuchDisk(name.into()));
+        }
+        fs::remove_dir_all(&dir).map_err(|source| CacheError::Remove {
+            path: dir.display().to_string(),
+            source,
+        })
+    }
+
+    /// Removes the least recently used disks beyond `max_bytes` in all;
+    /// returns what it removed. Takes the build lock: a disk being made
+    /// is not counted, nor removed half-made.
+    pub fn prune(&self, max_bytes: u64) -> Result<Vec<CachedDisk>, CacheError> {
+        let _lock = self.lock()?;
+        Ok(self.prune_except(max_bytes, ""))
+    }
+
+    fn prune_except(&self, max_bytes: u64, keep: &str) -> Vec<CachedDisk> {
+        let mut total = 0u64;
+        let mut removed = Vec::new();
+        for d in self.list() {
+            total = total.saturating_add(d.bytes);
+            if total > max_bytes && d.name != keep && self.remove(&d.name).is_ok() {
+                removed.push(d);
+            }
+        }
+        removed
     }
 
     /// Whether the disk of `image` with `agent` is cached (no building).
@@ -249,6 +353,9 @@ impl ImageCache {
             process,
             rootfs: PathBuf::new(),
             content_bytes,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
         let record = build.join(RECORD);
         let rec_err = |source| CacheError::Record {
@@ -430,6 +537,131 @@ fn finish(state: &Rc<RefCell<Sha256>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::select::sha256_of;
+
+    /// A one-layer OCI layout in `dir`: /etc/passwd with `app`, /hello.
+    fn layout(dir: &Path, damage: bool) {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in [
+            ("etc/passwd", &b"app:x:7:8::/home/app:/bin/sh\n"[..]),
+            ("hello", b"hi\n"),
+        ] {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, path, data).unwrap();
+        }
+        let layer = b.into_inner().unwrap();
+        let diff_id = sha256_of(&layer);
+        let mut stored = layer.clone();
+        if damage {
+            let at = stored.len() - 1100;
+            stored[at] ^= 1;
+        }
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": { "User": "app", "Cmd": ["/hello"], "WorkingDir": "/w" },
+            "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        })
+        .to_string();
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).unwrap();
+        let put = |bytes: &[u8]| {
+            let d = sha256_of(bytes);
+            fs::write(blobs.join(&d[7..]), bytes).unwrap();
+            serde_json::json!({ "digest": d, "size": bytes.len() })
+        };
+        let mut config_desc = put(config.as_bytes());
+        config_desc["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+        let mut layer_desc = put(&stored);
+        layer_desc["mediaType"] = "application/vnd.oci.image.layer.v1.tar".into();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "config": config_desc, "layers": [layer_desc],
+        })
+        .to_string();
+        let mut m = put(manifest.as_bytes());
+        m["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+        let index = serde_json::json!({ "schemaVersion": 2, "manifests": [m] });
+        fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    }
+
+    /// Needs mkfs.ext4 (e2fsprogs), as `vmm run --image` does.
+    #[test]
+    fn disks_are_made_once_listed_and_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let (img, cache_dir, agent) = (
+            d.path().join("img"),
+            d.path().join("cache"),
+            d.path().join("agent"),
+        );
+        layout(&img, false);
+        fs::write(&agent, b"#!agent").unwrap();
+        let cache = ImageCache::open(&cache_dir).unwrap();
+        let image = Image::open(img.to_str().unwrap()).unwrap();
+        assert!(!cache.has(&image, &agent));
+        let (p, built) = cache.prepare(&image, &agent).unwrap();
+        assert!(built);
+        assert_eq!(p.process.cmd, ["/hello"]);
+        assert_eq!((p.process.uid, p.process.gid), (7, 8));
+        assert_eq!(p.process.workdir, "/w");
+        assert!(p.process.env.contains(&"HOME=/home/app".to_string()));
+        assert!(p.process.env.contains(&DEFAULT_PATH.to_string()));
+        // The agent and the WorkingDir are in the disk (debugfs reads it).
+        let ls = Command::new("debugfs")
+            .args(["-R", "ls -l /sbin"])
+            .arg(&p.rootfs)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&ls.stdout).contains("vmm-agent"));
+        let (again, built) = cache.prepare(&image, &agent).unwrap();
+        assert!(!built);
+        assert_eq!(again.rootfs, p.rootfs);
+        assert!(cache.has(&image, &agent));
+        // A new agent: a new disk.
+        fs::write(&agent, b"#!agent 2").unwrap();
+        let (other, built) = cache.prepare(&image, &agent).unwrap();
+        assert!(built && other.rootfs != p.rootfs);
+        let listed = cache.list();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].prepared.rootfs, other.rootfs, "most recent first");
+        assert!(listed.iter().all(|l| l.bytes > 0 && l.prepared.created > 0));
+        // Pruning to the size of one keeps the most recently used.
+        let removed = cache.prune(listed[0].bytes).unwrap();
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].prepared.rootfs, p.rootfs);
+        assert!(matches!(
+            cache.remove("../x"),
+            Err(CacheError::NoSuchDisk(_))
+        ));
+        cache.remove(&listed[0].name).unwrap();
+        assert!(cache.list().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_layer_leaves_nothing_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let (img, cache_dir, agent) = (
+            d.path().join("img"),
+            d.path().join("cache"),
+            d.path().join("agent"),
+        );
+        layout(&img, true);
+        fs::write(&agent, b"#!agent").unwrap();
+        let cache = ImageCache::open(&cache_dir).unwrap();
+        let image = Image::open(img.to_str().unwrap()).unwrap();
+        let e = cache.prepare(&image, &agent).unwrap_err();
+        assert!(matches!(e, CacheError::LayerDigest { layer: 1, .. }), "{e}");
+        let left: Vec<_> = fs::read_dir(&cache_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != ".lock")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     #[test]
     fn names_and_decompression() {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use cache::{CacheError, ImageCache};
+pub use cache::{CacheError, CachedDisk, ImageCache, DEFAULT_MAX_BYTES};
 pub use select::{SelectError, Selected};
 pub use source::{Source, SourceError};
 
@@ -118,6 +118,9 @@ pub struct Prepared {
     pub rootfs: PathBuf,
     /// Bytes of file content in the layers, once applied.
     pub content_bytes: u64,
+    /// When the disk was made (unix seconds).
+    #[serde(default)]
+    pub created: u64,
 }
 
 #[cfg(test)]
