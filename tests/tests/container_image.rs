@@ -192,6 +192,18 @@ fn bad_images_are_refused_with_one_line() {
         &format!("{}:nope", image.archive.display()),
         "has no image tagged nope (it has: vmm-test/app:v1)",
     );
+    // Compressed whole, as `docker save | gzip` makes it: read through.
+    let gz = s.0.join("image.tar.gz");
+    let out = std::process::Command::new("gzip")
+        .args(["-c", "-1"])
+        .arg(&image.archive)
+        .output()
+        .unwrap();
+    std::fs::write(&gz, out.stdout).unwrap();
+    refused(
+        &format!("{}:nope", gz.display()),
+        "has no image tagged nope (it has: vmm-test/app:v1)",
+    );
     refused(
         s.0.join("missing").to_str().unwrap(),
         "No such file or directory",

@@ -27,8 +27,12 @@ pub enum SourceError {
         #[source]
         source: io::Error,
     },
-    #[error("{path} is a compressed archive: decompress it first (docker load takes it, we read the tar inside)")]
-    Compressed { path: String },
+    #[error("cannot decompress {path}")]
+    Decompress {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{image} has no file {name}")]
     Missing { image: String, name: String },
     #[error("{image}: {name} is a chain of links that does not end in a file")]
@@ -85,8 +89,15 @@ impl Source {
         let mut file = File::open(path).map_err(open_err)?;
         let mut magic = [0u8; 4];
         let n = read_up_to(&mut file, &mut magic).map_err(open_err)?;
-        if n >= 2 && magic[..2] == [0x1f, 0x8b] || n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-            return Err(SourceError::Compressed { path: display });
+        let gzip = n >= 2 && magic[..2] == [0x1f, 0x8b];
+        let zstd = n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd];
+        if gzip || zstd {
+            // `docker save | gzip`, as docker load takes it: the tar is
+            // read by offset, so it goes to an unnamed temporary file.
+            file = decompressed(file, gzip).map_err(|source| SourceError::Decompress {
+                path: display.clone(),
+                source,
+            })?;
         }
         let members = index_archive(&file).map_err(|source| SourceError::NotAnArchive {
             path: display.clone(),
@@ -185,6 +196,22 @@ impl Source {
         }
         Ok(buf)
     }
+}
+
+/// `file` decompressed into an unnamed temporary file (gone when closed).
+fn decompressed(file: File, gzip: bool) -> io::Result<File> {
+    let mut out = tempfile::tempfile()?;
+    let input = io::BufReader::new(file);
+    if gzip {
+        io::copy(&mut flate2::bufread::MultiGzDecoder::new(input), &mut out)?;
+    } else {
+        io::copy(
+            &mut zstd::stream::read::Decoder::with_buffer(input)?,
+            &mut out,
+        )?;
+    }
+    out.seek(SeekFrom::Start(0))?;
+    Ok(out)
 }
 
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
@@ -329,7 +356,7 @@ mod tests {
         std::fs::write(&gz, [0x1f, 0x8b, 8, 0, 0, 0]).unwrap();
         assert!(matches!(
             Source::open(&gz).unwrap_err(),
-            SourceError::Compressed { .. }
+            SourceError::Decompress { .. }
         ));
         let empty = d.path().join("empty");
         std::fs::write(&empty, b"").unwrap();
@@ -338,6 +365,23 @@ mod tests {
             Source::open(&d.path().join("nothing")).unwrap_err(),
             SourceError::Open { .. }
         ));
+    }
+
+    #[test]
+    fn compressed_archives_are_read_through() {
+        let f = archive(&[("manifest.json", Ok(b"[1]"))]);
+        let tar = std::fs::read(f.path()).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let gz = d.path().join("x.tar.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut e, &tar).unwrap();
+        std::fs::write(&gz, e.finish().unwrap()).unwrap();
+        let zs = d.path().join("x.tar.zst");
+        std::fs::write(&zs, zstd::encode_all(tar.as_slice(), 1).unwrap()).unwrap();
+        for p in [gz, zs] {
+            let s = Source::open(&p).unwrap();
+            assert_eq!(read(&s, "manifest.json").unwrap(), "[1]");
+        }
     }
 
     #[test]
