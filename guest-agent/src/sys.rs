@@ -419,13 +419,17 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         return fail(SpawnStep::Chdir, errno());
     }
     if let Some((uid, gid, groups)) = args.user {
+        // Raw system calls, not glibc's wrappers: those change every
+        // thread of the process (the agent's, whose memory this child
+        // shares), taking locks and signalling them; posix_spawn's child
+        // avoids them for the same reason.
         // SAFETY: `groups` points at `groups.len()` gids owned by the
-        // suspended parent; setgid and setuid take no pointers. Groups
-        // first, the uid last: after it, the others are not allowed.
+        // suspended parent; the id calls take no pointers. Groups first,
+        // the uid last: after it, the others are not allowed.
         let failed = unsafe {
-            libc::setgroups(groups.len(), groups.as_ptr()) == -1
-                || libc::setgid(gid) == -1
-                || libc::setuid(uid) == -1
+            libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == -1
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) == -1
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) == -1
         };
         if failed {
             return fail(SpawnStep::User, errno());

@@ -755,7 +755,11 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
         Some(image) => {
             // The process goes over the control channel (the kernel's
             // command line could not hold an image's environment).
-            let process = image_process(image, &cfg.command)?;
+            let process = image_process(
+                image,
+                args.image.as_deref().unwrap_or_default(),
+                &cfg.command,
+            )?;
             cfg.command.clear();
             cfg.start_by_agent = true;
             opts.start = Some(runner::StartPlan {
@@ -874,16 +878,23 @@ fn short_id(id: &str) -> &str {
 /// in place of its Cmd.
 fn image_process(
     image: &container_image::Prepared,
+    reference: &str,
     command: &[String],
 ) -> anyhow::Result<StartRequest> {
     let p = &image.process;
     let bytes = |v: &[String]| v.iter().map(|s| s.as_bytes().to_vec()).collect();
     let argv = p
         .argv(command)
-        .with_context(|| format!("cannot run the image {}", image.reference))?;
+        .with_context(|| format!("cannot run the image {reference}"))?;
+    // The console is a terminal, as for every `vmm run`: say which, as
+    // the agent does for the default guest (docker -t says xterm).
+    let mut env = p.env.clone();
+    if !env.iter().any(|e| e.starts_with("TERM=")) {
+        env.push("TERM=linux".into());
+    }
     Ok(StartRequest {
         argv: Some(bytes(&argv)),
-        env: Some(bytes(&p.env)),
+        env: Some(bytes(&env)),
         workdir: Some(p.workdir.as_bytes().to_vec()),
         user: Some(ProcessUser {
             uid: p.uid,

@@ -14,7 +14,8 @@
 use std::cell::RefCell;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
@@ -33,6 +34,11 @@ const DISK: &str = "rootfs.ext4";
 /// file is sparse: free space costs nothing on the host).
 const MIN_DISK: u64 = 1 << 30;
 const HEADROOM: u64 = 512 << 20;
+/// What a file or directory costs beyond its bytes: its last block,
+/// directory entries, extent blocks.
+const PER_ENTRY: u64 = 8 << 10;
+/// The most of /etc/passwd or /etc/group read.
+const MAX_ETC: u64 = 4 << 20;
 /// What the disks may take on the host together (allocated blocks) before
 /// making a new one removes the least recently used.
 pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
@@ -88,6 +94,8 @@ pub enum CacheError {
     Mkfs(#[source] io::Error),
     #[error("mkfs.ext4 failed ({status}): {stderr}")]
     MkfsFailed { status: String, stderr: String },
+    #[error("making a root disk of an image needs root: its files keep their owners")]
+    NotRoot,
     #[error("no root disk of an image is named {0} (see vmm cache ls)")]
     NoSuchDisk(String),
     #[error("cannot remove {path}")]
@@ -139,14 +147,19 @@ impl ImageCache {
             source,
         })?;
         let name = entry_name(image.id(), &hex(&Sha256::digest(&agent_bytes)));
-        if let Some(p) = self.use_entry(&name) {
+        let cached = |name: &str| self.use_entry(name).filter(|p| p.id == image.id());
+        if let Some(p) = cached(&name) {
             return Ok((p, false));
+        }
+        if !rustix::process::geteuid().is_root() {
+            return Err(CacheError::NotRoot);
         }
         let lock = self.lock()?;
         // Someone may have built it while we waited.
-        if let Some(p) = self.use_entry(&name) {
+        if let Some(p) = cached(&name) {
             return Ok((p, false));
         }
+        self.remove_stale_builds();
         let built = self.build(image, &agent_bytes, &name)?;
         for removed in self.prune_except(DEFAULT_MAX_BYTES, &name) {
             log::info!(
@@ -237,15 +250,34 @@ impl ImageCache {
     pub fn has(&self, image: &Image, agent: &Path) -> bool {
         fs::read(agent)
             .map(|a| entry_name(image.id(), &hex(&Sha256::digest(&a))))
-            .is_ok_and(|name| self.lookup(&name).is_some())
+            .is_ok_and(|name| self.lookup(&name).is_some_and(|p| p.id == image.id()))
     }
 
+    /// The entry `name`, if whole: its record parses and its disk is an
+    /// ext4 file system (a disk lost to a crash is not used).
     fn lookup(&self, name: &str) -> Option<Prepared> {
         let dir = self.dir.join(name);
         let text = fs::read(dir.join(RECORD)).ok()?;
         let mut p: Prepared = serde_json::from_slice(&text).ok()?;
         p.rootfs = dir.join(DISK);
-        p.rootfs.is_file().then_some(p)
+        is_ext4(&p.rootfs).then_some(p)
+    }
+
+    /// Removes what builds killed midway left (we hold the lock: no build
+    /// runs).
+    fn remove_stale_builds(&self) {
+        let Ok(dir) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in dir.filter_map(Result::ok) {
+            if e.file_name().as_bytes().starts_with(b".build-") {
+                log::info!(
+                    "image cache: removing {}, left by a build that did not finish",
+                    e.path().display()
+                );
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     fn lock(&self) -> Result<File, CacheError> {
@@ -269,8 +301,14 @@ impl ImageCache {
         if build.exists() {
             fs::remove_dir_all(&build).map_err(dir_err)?;
         }
+        // Only root may look inside while the tree is built: it holds the
+        // layers' setuid programs and world-writable directories.
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&build)
+            .map_err(dir_err)?;
         let staging = build.join("root");
-        fs::create_dir_all(&staging).map_err(dir_err)?;
+        fs::create_dir(&staging).map_err(dir_err)?;
         let result = self.build_in(image, agent, &build, &staging, name);
         if result.is_err() {
             let _ = fs::remove_dir_all(&build);
@@ -343,7 +381,7 @@ impl ImageCache {
         }
         let process = self.finish_root(image, agent, &root)?;
         let disk = build.join(DISK);
-        let size = (content_bytes * 2 + HEADROOM)
+        let size = (content_bytes * 2 + entries * PER_ENTRY + HEADROOM)
             .max(MIN_DISK)
             .next_multiple_of(1 << 20);
         make_ext4(staging, &disk, size, entries)?;
@@ -367,12 +405,20 @@ impl ImageCache {
             .map_err(rec_err)?;
         fs::write(&record, json).map_err(rec_err)?;
         fs::remove_dir_all(staging).map_err(rec_err)?;
+        // Durable before it is named: a crash must not leave a record
+        // whose disk lost its blocks.
+        for f in [&disk, &record, &build.to_path_buf()] {
+            File::open(f).and_then(|f| f.sync_all()).map_err(rec_err)?;
+        }
         let dest = self.dir.join(name);
         if dest.exists() {
             // A damaged entry (lookup found it unusable).
             fs::remove_dir_all(&dest).map_err(rec_err)?;
         }
         fs::rename(build, &dest).map_err(rec_err)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(rec_err)?;
         Ok(Prepared {
             rootfs: dest.join(DISK),
             ..prepared
@@ -387,7 +433,7 @@ impl ImageCache {
         };
         let (dir, file) = AGENT_PATH.rsplit_once('/').unwrap_or(("", AGENT_PATH));
         let agent_path = root
-            .dir(dir)
+            .dir(Path::new(dir))
             .map_err(place("add the guest agent"))?
             .join(file);
         let _ = fs::remove_file(&agent_path);
@@ -405,11 +451,11 @@ impl ImageCache {
             .filter(|w| !w.is_empty())
             .map(|w| format!("/{}", w.trim_start_matches('/')))
             .unwrap_or_else(|| "/".into());
-        root.dir(workdir.trim_start_matches('/'))
+        root.dir(Path::new(workdir.trim_start_matches('/')))
             .map_err(place(&format!("make the WorkingDir {workdir}")))?;
         let read_etc = |name: &str| {
-            root.resolve(name)
-                .and_then(fs::read)
+            root.resolve(Path::new(name))
+                .and_then(|p| read_regular(&p, MAX_ETC))
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default()
         };
@@ -434,6 +480,35 @@ impl ImageCache {
             groups: user.groups,
         })
     }
+}
+
+/// The start of a regular file, at most `limit` bytes: a layer's fifo or
+/// device in its place is not opened for reading (it would block).
+fn read_regular(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let f = File::options()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    let mut buf = Vec::new();
+    f.take(limit).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// O_NONBLOCK | O_NOFOLLOW.
+fn libc_flags() -> i32 {
+    (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW).bits() as i32
+}
+
+/// Whether `path` is a file holding an ext4 file system (its superblock's
+/// magic, 0xEF53 at byte 1080).
+fn is_ext4(path: &Path) -> bool {
+    let mut magic = [0u8; 2];
+    File::open(path)
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 1080))
+        .is_ok_and(|()| magic == [0x53, 0xef])
 }
 
 fn entry_name(id: &str, agent_hex: &str) -> String {

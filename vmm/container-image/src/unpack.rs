@@ -9,21 +9,20 @@
 //! Entries naming `..` are refused.
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 
-use crate::source::normalize;
-
 /// The opaque-directory marker; other `.wh.` names are whiteouts.
 const OPAQUE: &str = ".wh..wh..opq";
 const WHITEOUT: &str = ".wh.";
-/// Links followed (and directories made) for one path, at most: the
-/// kernel's own limit on symlinks in a path.
-const MAX_DEPTH: usize = 40;
+/// Symlinks followed for one path, at most: the kernel's own limit.
+const MAX_LINKS: usize = 40;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -63,45 +62,64 @@ pub struct LayerStats {
 
 /// The directory being built, with a handle to resolve paths inside it.
 pub struct Root {
+    /// Canonical: resolved paths are compared with it.
     path: PathBuf,
     fd: OwnedFd,
 }
 
 impl Root {
     pub fn open(path: &Path) -> Result<Self, UnpackError> {
+        let root_err = |source: io::Error| UnpackError::Root {
+            path: path.display().to_string(),
+            source,
+        };
+        let path = fs::canonicalize(path).map_err(root_err)?;
         let fd = rustix::fs::open(
-            path,
+            &path,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| UnpackError::Root {
-            path: path.display().to_string(),
-            source: e.into(),
+        .map_err(|e| root_err(e.into()))?;
+        let root = Root { path, fd };
+        // openat2 came with Linux 5.6: say so once, not per entry.
+        root.resolve(Path::new(".")).map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::NOSYS.raw_os_error()) {
+                root_err(io::Error::other(
+                    "this kernel has no openat2(2) (Linux 5.6 or later is needed to unpack images safely)",
+                ))
+            } else {
+                root_err(e)
+            }
         })?;
-        Ok(Root {
-            path: path.to_path_buf(),
-            fd,
-        })
+        Ok(root)
     }
 
     /// The real path of `rel`, following its symlinks as the container would
     /// (absolute ones from the root, `..` never above it).
-    pub fn resolve(&self, rel: &str) -> io::Result<PathBuf> {
-        if rel.is_empty() {
+    pub fn resolve(&self, rel: &Path) -> io::Result<PathBuf> {
+        if rel.as_os_str().is_empty() {
             return Ok(self.path.clone());
         }
-        let fd = rustix::fs::openat2(
-            &self.fd,
-            rel,
-            OFlags::PATH | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        )?;
+        let mut tries = 0;
+        let fd = loop {
+            match rustix::fs::openat2(
+                &self.fd,
+                rel,
+                OFlags::PATH | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                // A rename anywhere on the system while `..` was walked.
+                Err(rustix::io::Errno::AGAIN) if tries < 8 => tries += 1,
+                other => break other?,
+            }
+        };
         let real = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
         if !real.starts_with(&self.path) {
             // The root moved while we worked (nothing else writes in it).
             return Err(io::Error::other(format!(
-                "{rel} resolved to {} outside the root",
+                "{} resolved to {} outside the root",
+                rel.display(),
                 real.display()
             )));
         }
@@ -111,13 +129,16 @@ impl Root {
     /// [`Root::resolve`] for a directory, made (0755, root's) where missing,
     /// as a layer that adds `a/b/c` without `a/b` expects; through a
     /// dangling symlink, where it points.
-    pub fn dir(&self, rel: &str) -> io::Result<PathBuf> {
+    pub fn dir(&self, rel: &Path) -> io::Result<PathBuf> {
         self.dir_within(rel, 0)
     }
 
-    fn dir_within(&self, rel: &str, depth: usize) -> io::Result<PathBuf> {
-        if depth > MAX_DEPTH {
-            return Err(io::Error::from_raw_os_error(libc_eloop()));
+    /// `links`: symlinks followed so far for this path.
+    fn dir_within(&self, rel: &Path, links: usize) -> io::Result<PathBuf> {
+        if links > MAX_LINKS {
+            return Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::LOOP.raw_os_error(),
+            ));
         }
         match self.resolve(rel) {
             Ok(p) if p.is_dir() => Ok(p),
@@ -127,7 +148,7 @@ impl Root {
             )),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let (parent, name) = split(rel);
-                let parent = self.dir_within(parent, depth + 1)?;
+                let parent = self.dir_within(parent, links)?;
                 let p = parent.join(name);
                 match fs::symlink_metadata(&p) {
                     Ok(m) if m.file_type().is_symlink() => {
@@ -139,7 +160,7 @@ impl Root {
                         } else {
                             base.join(target)
                         };
-                        self.dir_within(&normalize(&target.to_string_lossy()), depth + 1)
+                        self.dir_within(&lexical(&target), links + 1)
                     }
                     Ok(_) => Err(e),
                     Err(_) => {
@@ -161,39 +182,47 @@ impl Root {
         archive.set_overwrite(true);
         let bad_archive = |source| UnpackError::Archive { layer, source };
         let mut stats = LayerStats::default();
-        // What this layer placed: its own opaque markers must not hide it.
-        let mut placed: HashSet<String> = HashSet::new();
+        // What this layer placed, and the directories above it: its own
+        // opaque markers must not hide them.
+        let mut placed = Placed::default();
         for entry in archive.entries().map_err(bad_archive)? {
             let mut entry = entry.map_err(bad_archive)?;
-            let raw = entry
-                .path()
-                .map_err(bad_archive)?
-                .to_string_lossy()
-                .into_owned();
+            let kind = entry.header().entry_type();
+            if kind.is_pax_global_extensions() {
+                continue;
+            }
+            let raw = entry.path().map_err(bad_archive)?.into_owned();
+            let shown = raw.to_string_lossy().into_owned();
             let rel = clean(&raw).ok_or_else(|| UnpackError::Escapes {
                 layer,
-                entry: raw.clone(),
+                entry: shown.clone(),
             })?;
-            if rel.is_empty() {
+            if rel.as_os_str().is_empty() {
                 continue;
             }
             stats.entries += 1;
             let failed = |source| UnpackError::Entry {
                 layer,
-                entry: raw.clone(),
+                entry: shown.clone(),
                 source,
             };
             let (parent, name) = split(&rel);
-            if name == OPAQUE {
+            let name_bytes = name.as_bytes();
+            if name_bytes == OPAQUE.as_bytes() {
                 stats.whiteouts += 1;
                 let dir = self.dir(parent).map_err(failed)?;
                 hide_lower(&dir, parent, &placed).map_err(failed)?;
                 continue;
             }
-            if let Some(hidden) = name.strip_prefix(WHITEOUT) {
+            if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT.as_bytes()) {
                 stats.whiteouts += 1;
+                // `.wh..wh.*` names are the format's own; `.wh.`, `.wh..`
+                // and `.wh...` would name the directory or its parent.
+                if hidden.starts_with(WHITEOUT.as_bytes()) || matches!(hidden, b"" | b"." | b"..") {
+                    continue;
+                }
                 match self.resolve(parent) {
-                    Ok(dir) => remove_any(&dir.join(hidden)).map_err(failed)?,
+                    Ok(dir) => remove_any(&dir.join(OsStr::from_bytes(hidden))).map_err(failed)?,
                     // Nothing to hide under a directory that is not there.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(failed(e)),
@@ -201,25 +230,28 @@ impl Root {
                 continue;
             }
             let target = self.dir(parent).map_err(failed)?.join(name);
-            let kind = entry.header().entry_type();
+            // Old (pre-ustar) archives mark directories with a slash only,
+            // as tar itself then unpacks them.
+            let is_dir = kind.is_dir()
+                || entry.header().as_ustar().is_none()
+                    && raw.as_os_str().as_bytes().ends_with(b"/");
             // A directory stays (and merges); anything else is replaced.
             match fs::symlink_metadata(&target) {
-                Ok(m) if m.is_dir() && kind.is_dir() => {}
+                Ok(m) if m.is_dir() && is_dir => {}
                 Ok(_) => remove_any(&target).map_err(failed)?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(failed(e)),
             }
-            placed.insert(rel.clone());
+            placed.insert(&rel);
             if kind.is_hard_link() {
                 let link = entry
                     .link_name()
                     .map_err(failed)?
                     .ok_or_else(|| failed(io::Error::other("a hard link without a target")))?
-                    .to_string_lossy()
                     .into_owned();
                 let link_rel = clean(&link).ok_or_else(|| UnpackError::Escapes {
                     layer,
-                    entry: link.clone(),
+                    entry: link.to_string_lossy().into_owned(),
                 })?;
                 let (lp, ln) = split(&link_rel);
                 let source = self.resolve(lp).map_err(failed)?.join(ln);
@@ -254,18 +286,36 @@ impl Root {
     }
 }
 
+/// The paths a layer placed, and every directory above them (a layer may
+/// hold `a/b/c` without an entry for `a/b`).
+#[derive(Default)]
+struct Placed {
+    paths: HashSet<PathBuf>,
+    ancestors: HashSet<PathBuf>,
+}
+
+impl Placed {
+    fn insert(&mut self, rel: &Path) {
+        self.paths.insert(rel.to_path_buf());
+        for a in rel.ancestors().skip(1) {
+            if a.as_os_str().is_empty() || !self.ancestors.insert(a.to_path_buf()) {
+                break;
+            }
+        }
+    }
+
+    fn contains(&self, rel: &Path) -> bool {
+        self.paths.contains(rel) || self.ancestors.contains(rel)
+    }
+}
+
 /// Removes from `dir` (the image path `rel`) everything a lower layer put
-/// there: all but what this layer `placed`, looking inside the directories
-/// it placed too.
-fn hide_lower(dir: &Path, rel: &str, placed: &HashSet<String>) -> io::Result<()> {
+/// there: all but what this layer placed, looking inside the directories
+/// it placed (or placed something in) too.
+fn hide_lower(dir: &Path, rel: &Path, placed: &Placed) -> io::Result<()> {
     for child in fs::read_dir(dir)? {
         let child = child?;
-        let name = child.file_name().to_string_lossy().into_owned();
-        let child_rel = if rel.is_empty() {
-            name
-        } else {
-            format!("{rel}/{name}")
-        };
+        let child_rel = rel.join(child.file_name());
         if !placed.contains(&child_rel) {
             remove_any(&child.path())?;
         } else if child.file_type()?.is_dir() {
@@ -285,28 +335,42 @@ fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
-/// An entry's path relative to the root (`./a//b/` is `a/b`), or None if it
-/// names `..`.
-fn clean(raw: &str) -> Option<String> {
-    let mut parts = Vec::new();
-    for c in Path::new(raw).components() {
+/// An entry's path relative to the root (`./a//b/` is `a/b`), byte for
+/// byte, or None if it names `..`.
+fn clean(raw: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
         match c {
-            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::Normal(p) => out.push(p),
             Component::ParentDir => return None,
             Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
         }
     }
-    Some(parts.join("/"))
+    Some(out)
 }
 
-/// ELOOP: too many links in a path.
-fn libc_eloop() -> i32 {
-    rustix::io::Errno::LOOP.raw_os_error()
+/// A symlink's target inside the root: `..` resolved lexically, never
+/// above the top (as RESOLVE_IN_ROOT does).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 /// `a/b/c` as (`a/b`, `c`); `c` as (``, `c`).
-fn split(rel: &str) -> (&str, &str) {
-    rel.rsplit_once('/').unwrap_or(("", rel))
+fn split(rel: &Path) -> (&Path, &OsStr) {
+    (
+        rel.parent().unwrap_or(Path::new("")),
+        rel.file_name().unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
@@ -340,20 +404,25 @@ mod tests {
                 | E::Fifo(p)
                 | E::Dev(p) => p,
             };
-            if path.contains("..") {
+            if path.contains("..") || path.contains('é') {
                 // The builder refuses such names: written raw, as a
-                // hostile layer would have them.
-                h.as_mut_bytes()[..path.len()].copy_from_slice(path.as_bytes());
+                // hostile layer would have them (é as Latin-1's one byte).
+                let name: Vec<u8> = path
+                    .chars()
+                    .map(|c| if c == 'é' { 0xe9 } else { c as u8 })
+                    .collect();
+                h.as_mut_bytes()[..name.len()].copy_from_slice(&name);
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_mode(0o644);
-                h.set_size(0);
+                let data: &[u8] = if let E::File(_, d, ..) = e { d } else { &[] };
+                h.set_size(data.len() as u64);
                 if let E::Hard(_, t) = e {
                     h.set_entry_type(tar::EntryType::Link);
                     h.set_link_name(t).ok();
                     h.as_mut_bytes()[157..157 + t.len()].copy_from_slice(t.as_bytes());
                 }
                 h.set_cksum();
-                b.append(&h, io::empty()).unwrap();
+                b.append(&h, data).unwrap();
                 continue;
             }
             match e {
@@ -397,7 +466,7 @@ mod tests {
     }
 
     fn is_root() -> bool {
-        std::os::unix::fs::MetadataExt::uid(&fs::metadata("/proc/self").unwrap()) == 0
+        rustix::process::geteuid().is_root()
     }
 
     fn apply(root: &Root, n: usize, entries: &[E]) -> Result<LayerStats, UnpackError> {
@@ -512,6 +581,51 @@ mod tests {
         assert_eq!(fs::read(d.path().join("hard")).unwrap(), b"owned");
     }
 
+    /// Whiteouts that would name the directory itself or its parent are
+    /// not whiteouts; an opaque marker keeps what its layer placed below
+    /// directories it has no entries for; names need not be UTF-8.
+    #[test]
+    fn odd_whiteouts_implicit_directories_and_byte_names() {
+        let d = tempfile::tempdir().unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let latin1 = "café".to_string();
+        apply(
+            &root,
+            1,
+            &[
+                E::File("usr/bin/sh", b"sh", 0o755, 0),
+                E::File("a/lower", b"l", 0o644, 0),
+                E::File(&latin1, b"latin-1", 0o644, 0),
+            ],
+        )
+        .unwrap();
+        apply(
+            &root,
+            2,
+            &[
+                E::File("usr/.wh...", b"", 0o644, 0),
+                E::File("usr/bin/.wh..", b"", 0o644, 0),
+                E::File(".wh.", b"", 0o644, 0),
+                E::File("usr/.wh..wh.plnk", b"", 0o644, 0),
+                E::File("a/b/c", b"c", 0o644, 0),
+                E::File("a/.wh..wh..opq", b"", 0o644, 0),
+            ],
+        )
+        .unwrap();
+        assert_eq!(fs::read(d.path().join("usr/bin/sh")).unwrap(), b"sh");
+        assert_eq!(fs::read(d.path().join("a/b/c")).unwrap(), b"c");
+        assert!(!exists(d.path().join("a/lower")));
+        let name = OsStr::from_bytes(b"caf\xe9");
+        assert_eq!(fs::read(d.path().join::<&OsStr>(name)).unwrap(), b"latin-1");
+        apply(
+            &root,
+            3,
+            &[E::File(&format!(".wh.{latin1}"), b"", 0o644, 0)],
+        )
+        .unwrap();
+        assert!(!exists(d.path().join::<&OsStr>(name)));
+    }
+
     #[test]
     fn entries_naming_dotdot_are_refused() {
         let d = tempfile::tempdir().unwrap();
@@ -562,11 +676,16 @@ mod tests {
 
     #[test]
     fn paths_are_cleaned() {
-        assert_eq!(clean("./a//b/").as_deref(), Some("a/b"));
-        assert_eq!(clean("/etc/passwd").as_deref(), Some("etc/passwd"));
-        assert_eq!(clean("./").as_deref(), Some(""));
-        assert_eq!(clean("a/../b"), None);
-        assert_eq!(split("a/b/c"), ("a/b", "c"));
-        assert_eq!(split("c"), ("", "c"));
+        let c = |p: &str| clean(Path::new(p));
+        assert_eq!(c("./a//b/"), Some(PathBuf::from("a/b")));
+        assert_eq!(c("/etc/passwd"), Some(PathBuf::from("etc/passwd")));
+        assert_eq!(c("./"), Some(PathBuf::new()));
+        assert_eq!(c("a/../b"), None);
+        assert_eq!(
+            split(Path::new("a/b/c")),
+            (Path::new("a/b"), OsStr::new("c"))
+        );
+        assert_eq!(split(Path::new("c")), (Path::new(""), OsStr::new("c")));
+        assert_eq!(lexical(Path::new("/a/../../b/./c")), PathBuf::from("b/c"));
     }
 }

@@ -1,8 +1,9 @@
 //! The image config's `User` (`name`, `uid`, `name:group`, `uid:gid`, ...)
 //! resolved against the image's own /etc/passwd and /etc/group, as docker
 //! (runc) resolves it: a name must exist there, a number need not; the
-//! user's primary group unless one is given; that group and the groups that
-//! list the user as supplementary groups; HOME from the user's entry.
+//! user's primary group unless one is given; as supplementary groups, that
+//! group and (unless User names a group) the groups that list the user;
+//! HOME from the user's entry.
 
 /// Credentials and home of the container's process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,9 +89,10 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<User, UserError>
                 .ok_or_else(|| UserError::NoSuchGroup(spec.into()))?,
         },
     };
-    // The primary group first, as a login (initgroups) and docker have it.
+    // The primary group first, as a login (initgroups) and docker have it;
+    // with a group named in User, only that one (runc's rule).
     let mut groups = vec![gid];
-    if let Some(e) = &entry {
+    if let (Some(e), None) = (&entry, group_part) {
         for (_, g, members) in group_entries(group) {
             if members.contains(&e.name) && !groups.contains(&g) {
                 groups.push(g);
@@ -144,8 +146,8 @@ mod tests {
             r("1000"),
             Ok(user(1000, 1001, &[1001, 29, 44], "/home/app"))
         );
-        assert_eq!(r("app:audio"), Ok(user(1000, 29, &[29, 44], "/home/app")));
-        assert_eq!(r("app:7"), Ok(user(1000, 7, &[7, 29, 44], "/home/app")));
+        assert_eq!(r("app:audio"), Ok(user(1000, 29, &[29], "/home/app")));
+        assert_eq!(r("app:7"), Ok(user(1000, 7, &[7], "/home/app")));
         // A number needs no entry (docker runs it with gid 0 and HOME=/).
         assert_eq!(r("4242"), Ok(user(4242, 0, &[0], "/")));
         assert_eq!(r("4242:4243"), Ok(user(4242, 4243, &[4243], "/")));
