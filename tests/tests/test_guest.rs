@@ -149,6 +149,46 @@ fn dirtied_memory_checksum_is_stable() {
     assert_eq!(o.status, Some(0));
 }
 
+/// Guest memory is backed by transparent huge pages (what the guest fills
+/// shows in the VMM's AnonHugePages), and by 4 KiB pages with VMM_THP=0.
+#[test]
+fn guest_memory_gets_huge_pages() {
+    if !kvm_available("guest_memory_gets_huge_pages") {
+        return;
+    }
+    let huge_kib = |thp: &str| {
+        let mut r = vmm_tests::Running::spawn_env(
+            &[
+                "run",
+                "--kernel",
+                &test_guest(),
+                "--mem",
+                "256",
+                "--cmdline",
+                "ticks=20 dirty=64,pattern=random,rewrite=0",
+            ],
+            &std::env::temp_dir(),
+            &[("VMM_THP", std::path::Path::new(thp))],
+        );
+        assert!(
+            r.wait_for(Duration::from_secs(60), |o| o.contains("tick 1")),
+            "{}\n{}",
+            r.output(),
+            r.stderr()
+        );
+        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", r.pid())).unwrap();
+        r.kill();
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("AnonHugePages:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("AnonHugePages in smaps_rollup")
+    };
+    let on = huge_kib("1");
+    assert!(on >= 64 * 1024, "64 MiB filled, {on} KiB on huge pages");
+    assert_eq!(huge_kib("0"), 0, "VMM_THP=0 still got huge pages");
+}
+
 /// Snapshot mid-run with --stop (the original ends), then restore: every
 /// register check still passes, the memory checksum is unchanged and the
 /// tick counter carries on from where it was, on 1 and 4 vCPUs.

@@ -148,6 +148,7 @@ impl Machine {
         let template = CpuTemplate::detect();
         log::info!("CPU template: {template:?}");
         let vm = Vm::new(cfg.mem_mib)?;
+        vm.ram().advise_huge_pages();
         let kernel = loader::load_kernel(vm.memory(), &cfg.kernel)?;
         regs::write_boot_tables(vm.memory()).map_err(MachineError::BootTables)?;
 
@@ -237,6 +238,12 @@ impl Machine {
         let (agent_tx, agent_rx) = mpsc::channel();
         backends.agent = Some(agent_tx);
         let (state, disks) = image.read_contents(vm.ram(), host.disk_dir)?;
+        // After the contents, not before: filling huge pages made the
+        // restore of a 1 GiB test guest take 650 ms instead of 350 (its
+        // first pass over memory then took far less: 740 ms to its first
+        // tick against 1,830). What the guest touches next may still come in
+        // huge pages. Lazy restore (issue 18) revisits this.
+        vm.ram().advise_huge_pages();
         backends.disks = disks;
         // The disks are made and every host end is open.
         let disks: Vec<_> = backends.disks.values().map(|d| d.path.clone()).collect();
