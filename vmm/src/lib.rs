@@ -28,6 +28,7 @@ pub mod atomic_file;
 pub mod boot;
 pub mod bus;
 pub mod checkpoint;
+#[cfg(feature = "cli")]
 pub mod client;
 pub mod device_manager;
 pub mod event_loop;
