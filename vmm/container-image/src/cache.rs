@@ -617,10 +617,25 @@ mod tests {
     /// A one-layer OCI layout in `dir`: /etc/passwd with `app`, /hello.
     fn layout(dir: &Path, damage: bool) {
         let mut b = tar::Builder::new(Vec::new());
+        // /hello has a file capability, which the disk must keep.
+        let pax = crate::test_util::pax_record(
+            "SCHILY.xattr.security.capability",
+            &crate::test_util::CAP_NET_RAW,
+        );
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_path("PaxHeaders/hello").unwrap();
+        h.set_size(pax.len() as u64);
+        h.set_cksum();
+        let mut pax_header = Some((h, pax));
         for (path, data) in [
             ("etc/passwd", &b"app:x:7:8::/home/app:/bin/sh\n"[..]),
             ("hello", b"hi\n"),
         ] {
+            if path == "hello" {
+                let (h, pax) = pax_header.take().unwrap();
+                b.append(&h, pax.as_slice()).unwrap();
+            }
             let mut h = tar::Header::new_ustar();
             h.set_entry_type(tar::EntryType::Regular);
             h.set_mode(0o644);
@@ -664,9 +679,13 @@ mod tests {
         fs::write(dir.join("index.json"), index.to_string()).unwrap();
     }
 
-    /// Needs mkfs.ext4 (e2fsprogs), as `vmm run --image` does.
+    /// Needs root and mkfs.ext4 (e2fsprogs), as `vmm run --image` does.
     #[test]
     fn disks_are_made_once_listed_and_removed() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: disks cannot be made");
+            return;
+        }
         let d = tempfile::tempdir().unwrap();
         let (img, cache_dir, agent) = (
             d.path().join("img"),
@@ -692,6 +711,16 @@ mod tests {
             .output()
             .unwrap();
         assert!(String::from_utf8_lossy(&ls.stdout).contains("vmm-agent"));
+        let ea = Command::new("debugfs")
+            .args(["-R", "ea_list /hello"])
+            .arg(&p.rootfs)
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&ea.stdout).contains("security.capability"),
+            "{}",
+            String::from_utf8_lossy(&ea.stdout)
+        );
         let (again, built) = cache.prepare(&image, &agent).unwrap();
         assert!(!built);
         assert_eq!(again.rootfs, p.rootfs);
@@ -718,6 +747,10 @@ mod tests {
 
     #[test]
     fn a_damaged_layer_leaves_nothing_behind() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: disks cannot be made");
+            return;
+        }
         let d = tempfile::tempdir().unwrap();
         let (img, cache_dir, agent) = (
             d.path().join("img"),

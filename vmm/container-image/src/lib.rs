@@ -124,6 +124,24 @@ pub struct Prepared {
 }
 
 #[cfg(test)]
+mod test_util {
+    /// cap_net_raw+ep as setcap writes it (vfs_cap_data revision 2).
+    pub const CAP_NET_RAW: [u8; 20] = [
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+
+    /// A PAX header record: its length counts itself.
+    pub fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+        let body = [key.as_bytes(), b"=", value, b"\n"].concat();
+        let mut len = body.len() + 2;
+        while format!("{len} ").len() + body.len() != len {
+            len += 1;
+        }
+        [format!("{len} ").as_bytes(), &body].concat()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -21,6 +21,13 @@ use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 /// The opaque-directory marker; other `.wh.` names are whiteouts.
 const OPAQUE: &str = ".wh..wh..opq";
 const WHITEOUT: &str = ".wh.";
+/// The extended attributes a layer's files keep: file capabilities (`ping`
+/// run by a user needs cap_net_raw). Others are dropped: SELinux labels
+/// mean nothing in our guest, and trusted.* is the host's.
+const KEPT_XATTRS: [&str; 1] = ["security.capability"];
+/// How PAX headers carry extended attributes.
+const PAX_XATTR: &str = "SCHILY.xattr.";
+
 /// Symlinks followed for one path, at most: the kernel's own limit.
 const MAX_LINKS: usize = 40;
 
@@ -58,6 +65,8 @@ pub struct LayerStats {
     pub whiteouts: u64,
     /// Device nodes skipped: the guest's /dev is devtmpfs.
     pub devices_skipped: u64,
+    /// Extended attributes kept ([`KEPT_XATTRS`]).
+    pub xattrs: u64,
 }
 
 /// The directory being built, with a handle to resolve paths inside it.
@@ -273,10 +282,17 @@ impl Root {
                 std::os::unix::fs::lchown(&target, Some(uid as u32), Some(gid as u32))
                     .map_err(failed)?;
             } else {
+                let xattrs = kept_xattrs(&mut entry).map_err(failed)?;
                 if kind.is_file() {
                     stats.bytes += entry.size();
                 }
                 entry.unpack(&target).map_err(failed)?;
+                // After unpack's chown, which would clear a capability.
+                for (name, value) in xattrs {
+                    rustix::fs::lsetxattr(&target, name, &value, rustix::fs::XattrFlags::empty())
+                        .map_err(|e| failed(io::Error::from(e)))?;
+                    stats.xattrs += 1;
+                }
             }
         }
         // The rest of the stream (tar's end blocks, padding) counts in the
@@ -284,6 +300,24 @@ impl Root {
         io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(bad_archive)?;
         Ok(stats)
     }
+}
+
+/// The entry's extended attributes that we keep, from its PAX header.
+fn kept_xattrs<R: Read>(entry: &mut tar::Entry<R>) -> io::Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let Some(extensions) = entry.pax_extensions()? else {
+        return Ok(out);
+    };
+    for ext in extensions {
+        let ext = ext?;
+        let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix(PAX_XATTR)) else {
+            continue;
+        };
+        if let Some(kept) = KEPT_XATTRS.iter().find(|k| **k == name) {
+            out.push((*kept, ext.value_bytes().to_vec()));
+        }
+    }
+    Ok(out)
 }
 
 /// The paths a layer placed, and every directory above them (a layer may
@@ -376,6 +410,7 @@ fn split(rel: &Path) -> (&Path, &OsStr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::pax_record;
     use std::os::unix::fs::MetadataExt;
 
     /// A layer built in memory: (path, kind) where kind is file content,
@@ -664,6 +699,50 @@ mod tests {
             assert_eq!((m.uid(), m.gid()), (1000, 1000));
             assert_eq!(m.mode() & 0o7777, 0o4755);
         }
+    }
+
+    /// Needs root (CAP_SETFCAP), as making a disk does.
+    #[test]
+    fn file_capabilities_are_kept_and_other_xattrs_dropped() {
+        if !is_root() {
+            eprintln!("not root: file capabilities cannot be set");
+            return;
+        }
+        let cap = crate::test_util::CAP_NET_RAW;
+        let pax = [
+            pax_record("SCHILY.xattr.security.capability", &cap),
+            pax_record("SCHILY.xattr.user.note", b"dropped"),
+        ]
+        .concat();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_path("PaxHeaders/ping").unwrap();
+        h.set_mode(0o644);
+        h.set_size(pax.len() as u64);
+        h.set_cksum();
+        b.append(&h, pax.as_slice()).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_path("bin/ping").unwrap();
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1);
+        h.set_size(4);
+        h.set_cksum();
+        b.append(&h, &b"ping"[..]).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let stats = root
+            .apply_layer(1, b.into_inner().unwrap().as_slice())
+            .unwrap();
+        assert_eq!(stats.xattrs, 1);
+        let ping = d.path().join("bin/ping");
+        let mut got = [0u8; 64];
+        let n = rustix::fs::lgetxattr(&ping, "security.capability", &mut got[..]).unwrap();
+        assert_eq!(&got[..n], &cap);
+        assert!(rustix::fs::lgetxattr(&ping, "user.note", &mut got[..]).is_err());
     }
 
     #[test]
