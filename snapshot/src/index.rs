@@ -5,10 +5,12 @@
 use std::io::{Read, Seek, SeekFrom};
 
 use crate::error::SnapshotError;
-use crate::format::{max_chunk_payload, Kind, FOOTER_LEN};
+use crate::format::{
+    max_chunk_payload, ChunkHeader, Kind, Space, FOOTER_LEN, MAX_CHUNK_PAGES, PAGE_SIZE,
+};
 use crate::framing::{read_file_header, read_footer, read_index_record, read_unnamed_record};
 use crate::pages::{decode_chunk, Chunk};
-use crate::state::{Header, Index};
+use crate::state::{Header, Index, MemoryLayout};
 
 /// Reads the header and the index of an image in a seekable file.
 pub fn open_index<R: Read + Seek>(r: &mut R) -> Result<(Header, Index), SnapshotError> {
@@ -89,4 +91,167 @@ pub fn read_memory_chunk<R: Read + Seek>(
         });
     }
     Ok(Some(chunk))
+}
+
+/// Where one memory chunk's record is in the image, from the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLocation {
+    /// Guest-physical address of its first page.
+    pub base: u64,
+    pub pages: u32,
+    /// Offset and length of the whole record in the image.
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl ChunkLocation {
+    /// Bytes of guest memory the chunk covers.
+    pub fn span(&self) -> u64 {
+        u64::from(self.pages) * PAGE_SIZE as u64
+    }
+
+    /// What errors call this chunk.
+    pub fn label(&self) -> String {
+        format!(
+            "memory chunk at guest {:#x} (image offset {})",
+            self.base, self.offset
+        )
+    }
+}
+
+/// The memory chunks of an image, for a reader that fetches them out of
+/// order (a lazy restore) and reads on past them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryChunks {
+    /// In guest-physical order, not overlapping, each inside `layout`.
+    pub chunks: Vec<ChunkLocation>,
+    /// Offset of the first record after the last chunk (a disk or END).
+    pub end: u64,
+}
+
+/// The memory chunks that the index lists, checked against the MEMORY
+/// section the streaming reader just read (`layout`, ending at image
+/// offset `memory_end`): the index must put that section there, list its
+/// chunks back to back right after it, in order and inside the layout, so
+/// that skipping from `memory_end` to [`MemoryChunks::end`] skips exactly
+/// the memory and nothing a disk needs.
+pub fn memory_chunks(
+    index: &Index,
+    layout: &MemoryLayout,
+    memory_end: u64,
+) -> Result<MemoryChunks, SnapshotError> {
+    let bad = |reason: String| SnapshotError::Corrupt {
+        section: "index".into(),
+        reason,
+    };
+    let at = index
+        .sections
+        .iter()
+        .position(|e| e.kind == Kind::MEMORY)
+        .ok_or_else(|| bad("it lists no memory section".into()))?;
+    let memory = &index.sections[at];
+    if memory.offset.checked_add(memory.len) != Some(memory_end) {
+        return Err(bad(format!(
+            "it puts the memory section at offset {}, the image has it ending at {memory_end}",
+            memory.offset
+        )));
+    }
+    let mut chunks = Vec::new();
+    let mut end = memory_end;
+    let mut region = 0usize;
+    let mut next = layout.regions.first().map_or(0, |r| r.0);
+    for e in &index.sections[at + 1..] {
+        let Some((space, base, pages)) = e.chunk else {
+            break;
+        };
+        if e.kind != Kind::CHUNK || space != Space::Memory {
+            break;
+        }
+        let loc = ChunkLocation {
+            base,
+            pages,
+            offset: e.offset,
+            len: e.len,
+        };
+        if e.offset != end || e.len > max_chunk_payload() + 4096 {
+            return Err(bad(format!("{} is out of place", loc.label())));
+        }
+        if pages == 0 || pages > MAX_CHUNK_PAGES || !base.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(bad(format!("{} has a bad size or address", loc.label())));
+        }
+        let chunk_end = base
+            .checked_add(loc.span())
+            .ok_or_else(|| bad(format!("{} wraps around", loc.label())))?;
+        // Its region: the current one (after the chunk before) or a later one.
+        loop {
+            let Some(&(addr, len)) = layout.regions.get(region) else {
+                return Err(bad(format!(
+                    "{} is outside the memory layout, or out of order",
+                    loc.label()
+                )));
+            };
+            if base >= next.max(addr) && chunk_end <= addr + len {
+                break;
+            }
+            region += 1;
+            next = 0;
+        }
+        next = chunk_end;
+        end = e.offset + e.len;
+        chunks.push(loc);
+    }
+    Ok(MemoryChunks { chunks, end })
+}
+
+/// Reads the record of the chunk at `loc` from `file` (a positioned read:
+/// any number of threads may share the file), checks its checksums and
+/// that it is the chunk the index promised, and returns its payload, for
+/// [`crate::Decoder::decode_into`].
+pub fn read_chunk_record(
+    file: &std::fs::File,
+    loc: &ChunkLocation,
+) -> Result<Vec<u8>, SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let label = loc.label();
+    let len = usize::try_from(loc.len).map_err(|_| SnapshotError::Corrupt {
+        section: label.clone(),
+        reason: "record too long".into(),
+    })?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            SnapshotError::Truncated {
+                section: label.clone(),
+                expected: loc.len,
+                got: 0,
+            }
+        } else {
+            SnapshotError::Read(e)
+        }
+    })?;
+    let mut r: &[u8] = &buf;
+    let payload = read_unnamed_record(
+        &mut r,
+        Kind::CHUNK,
+        max_chunk_payload(),
+        &label,
+        "not a chunk record",
+    )?;
+    if !r.is_empty() {
+        return Err(SnapshotError::Corrupt {
+            section: label,
+            reason: "the record is shorter than the index says".into(),
+        });
+    }
+    let header = ChunkHeader::decode(&payload).ok_or_else(|| SnapshotError::Corrupt {
+        section: label.clone(),
+        reason: "bad chunk header".into(),
+    })?;
+    if (header.space, header.base, header.pages) != (Space::Memory, loc.base, loc.pages) {
+        return Err(SnapshotError::Corrupt {
+            section: label,
+            reason: "the index and the chunk disagree".into(),
+        });
+    }
+    Ok(payload)
 }

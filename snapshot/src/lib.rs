@@ -39,7 +39,8 @@
 //!   `reader::apply` is the chunk apply pipeline ([`ApplyOptions`],
 //!   [`PageSink`], [`decode_parallel`]).
 //! - `index`: random access through the index ([`open_index`],
-//!   [`read_index`], [`read_chunk_at`], [`read_memory_chunk`]).
+//!   [`read_index`], [`read_chunk_at`], [`read_memory_chunk`]; for a lazy
+//!   restore, [`memory_chunks`] and [`read_chunk_record`]).
 //! - `chain`: incremental chains ([`check_chain`], [`apply_parents`]).
 //! - [`inspect`]: what an image holds, for `vmm inspect`.
 
@@ -59,8 +60,11 @@ pub mod writer;
 pub use chain::{apply_parents, check_chain};
 pub use error::SnapshotError;
 pub use format::{id_hex, new_image_id, section_flags, Kind, Space, FORMAT_VERSION, PAGE_SIZE};
-pub use index::{open_index, read_chunk_at, read_index, read_memory_chunk};
-pub use pages::{Chunk, ChunkStats, Page};
+pub use index::{
+    memory_chunks, open_index, read_chunk_at, read_chunk_record, read_index, read_memory_chunk,
+    ChunkLocation, MemoryChunks,
+};
+pub use pages::{Chunk, ChunkStats, Decoder, Page};
 pub use reader::apply::{decode_parallel, ApplyOptions, PageSink};
 pub use reader::{ImageReader, RawChunk, Section};
 pub use state::{flags, Compression, DiskInfo, Header, Index, IndexEntry, MemoryLayout};

@@ -238,7 +238,7 @@ impl Chunk {
 /// A decoded chunk borrowing its bitmaps from the payload and its data from
 /// the payload (stored) or a reused buffer (zstd).
 #[derive(Clone, Copy)]
-pub(crate) struct ChunkView<'a> {
+pub struct ChunkView<'a> {
     pub header: ChunkHeader,
     present: &'a [u8],
     data_map: &'a [u8],
@@ -300,9 +300,10 @@ impl<'a> ChunkView<'a> {
     }
 }
 
-/// Reusable state for decoding chunks on one thread.
+/// Reusable state for decoding chunks on one thread (a zstd context and
+/// a scratch buffer), for readers that decode chunk after chunk.
 #[derive(Default)]
-pub(crate) struct Decoder {
+pub struct Decoder {
     dctx: Option<zstd::bulk::Decompressor<'static>>,
     scratch: Vec<u8>,
 }

@@ -765,3 +765,90 @@ fn reserved_kinds_cannot_be_written_by_hand() {
         assert!(w.write_state(k, "", &1u8).is_err());
     }
 }
+
+/// The lazy restore's path: states read in order, memory chunks located
+/// through the index and fetched out of order with positioned reads, the
+/// disk and the end read by a reader resumed past the chunks.
+#[test]
+fn memory_fetched_out_of_order_and_the_rest_read_past_it() {
+    use std::io::{BufReader, Seek, SeekFrom, Write};
+    let (low, high, disk) = sample();
+    for c in [Compression::None, Compression::Zstd(1)] {
+        let h = header(flags::HAS_DISK, None);
+        let regions = [(0u64, &low[..]), (0x10_0000, &high[..])];
+        let img = write_image(&h, &regions, None, Some(&disk), c, 16);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&img).unwrap();
+
+        let mut r = ImageReader::new(Cursor::new(&img)).unwrap();
+        let layout = loop {
+            if let Section::Memory(l) = r.next_section().unwrap() {
+                break l;
+            }
+        };
+        let index = read_index(&mut Cursor::new(&img)).unwrap();
+        let chunks = memory_chunks(&index, &layout, r.position()).unwrap();
+        assert_eq!(chunks.chunks.len(), 300usize.div_ceil(16) + 1, "{chunks:?}");
+        // Backwards, each into its own place.
+        let mut mem = [vec![0u8; low.len()], vec![0u8; high.len()]];
+        let mut dec = Decoder::default();
+        for loc in chunks.chunks.iter().rev() {
+            let payload = read_chunk_record(&file, loc).unwrap();
+            let (i, base) = if loc.base >= 0x10_0000 {
+                (1, 0x10_0000)
+            } else {
+                (0, 0)
+            };
+            let at = (loc.base - base) as usize;
+            let end = (at + loc.span() as usize).min(mem[i].len());
+            let mut staging = vec![0u8; loc.span() as usize];
+            dec.decode_into(&payload, &loc.label(), &mut staging, true)
+                .unwrap();
+            mem[i][at..end].copy_from_slice(&staging[..end - at]);
+        }
+        assert_eq!(mem[0], low);
+        assert_eq!(mem[1], high);
+
+        // The rest, read on from where the chunks end.
+        file.seek(SeekFrom::Start(chunks.end)).unwrap();
+        let mut rest = ImageReader::resume_at(BufReader::new(&file), h.clone(), chunks.end);
+        let Section::Disk(info) = rest.next_section().unwrap() else {
+            panic!("no disk after the memory chunks");
+        };
+        assert_eq!(info.size, disk.len() as u64);
+        let f = tempfile::tempfile().unwrap();
+        let (_, next) = rest.read_disk_into(&f, ApplyOptions::default()).unwrap();
+        assert!(matches!(next, Section::End));
+
+        // An index that does not describe this image is refused: the memory
+        // section elsewhere, or a chunk moved.
+        assert!(memory_chunks(&index, &layout, r.position() + 1).is_err());
+        let mut moved = index.clone();
+        let i = moved
+            .sections
+            .iter()
+            .position(|e| e.kind == Kind::CHUNK)
+            .unwrap();
+        moved.sections[i].offset += 1;
+        assert!(memory_chunks(&moved, &layout, r.position()).is_err());
+        let mut outside = index.clone();
+        outside.sections[i].chunk = Some((Space::Memory, 0x4000_0000, 16));
+        assert!(memory_chunks(&outside, &layout, r.position()).is_err());
+
+        // A damaged chunk is refused with its name; so is a record that is
+        // not the chunk the index promised.
+        let loc = chunks.chunks[3];
+        let mut bad = img.clone();
+        bad[(loc.offset + loc.len / 2) as usize] ^= 1;
+        let mut badf = tempfile::tempfile().unwrap();
+        badf.write_all(&bad).unwrap();
+        let e = read_chunk_record(&badf, &loc).unwrap_err().to_string();
+        assert!(e.contains("checksum") && e.contains(&loc.label()), "{e}");
+        let wrong = ChunkLocation {
+            base: loc.base + 0x1000,
+            ..loc
+        };
+        let e = read_chunk_record(&file, &wrong).unwrap_err().to_string();
+        assert!(e.contains("the index and the chunk disagree"), "{e}");
+    }
+}

@@ -10,7 +10,11 @@
 //!   baseline a restore replaces);
 //! - `vmm snapshot --out FILE` (checkpoint and continue) with `none` and
 //!   `zstd:1`, and the image sizes;
-//! - `vmm restore` until the restored guest's first tick, from each image;
+//! - `vmm restore` until the restored guest's first tick, from each image,
+//!   lazily (the default: memory arrives as it is touched) and `--eager`;
+//! - a guest that sums all of its memory on every tick: restore until it
+//!   has read all of its memory again (its second `sum` line: the first
+//!   ends the pass the snapshot interrupted), lazily and eagerly;
 //!
 //! and prints medians, spread (min..max) and ratios.
 
@@ -33,7 +37,8 @@ fn fmt(v: &[f64]) -> String {
 /// Seconds until the guest prints a tick.
 fn until_tick(r: &mut Running, start: Instant) -> f64 {
     assert!(
-        r.wait_for(Duration::from_secs(300), |o| o.contains("tick ")),
+        r.wait_for_every(Duration::from_millis(1), Duration::from_secs(300), |o| o
+            .contains("tick ")),
         "no tick:\n{}\n{}",
         r.output(),
         r.stderr()
@@ -59,6 +64,61 @@ fn snapshot(dir: &Path, compress: &str, out: &str) -> f64 {
         .expect("run vmm snapshot");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Milliseconds from `vmm restore` to the second whole `sum` line of a
+/// guest that sums its `mib` MiB on every tick, lazily and eagerly.
+fn until_memory_read(dir: &Path, kernel: &str, mib: u64, runs: usize) -> (Vec<f64>, Vec<f64>) {
+    let mem = (mib + 256).to_string();
+    let cmdline = format!("ticks=100 dirty={mib},pattern=mix,rewrite=0 sum");
+    let mut vm = Running::spawn(
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--mem",
+            &mem,
+            "--cmdline",
+            &cmdline,
+            "--api-sock",
+            "api.sock",
+        ],
+        dir,
+    );
+    assert!(
+        vm.wait_for(Duration::from_secs(300), |o| o.matches("sum ").count() >= 2),
+        "{}",
+        vm.stderr()
+    );
+    snapshot(dir, "zstd:1", "sum.img");
+    let _ = vm.kill();
+    let once = |args: &[&str]| {
+        let start = Instant::now();
+        let mut r = Running::spawn(args, dir);
+        let whole = |o: &str| {
+            o.split_inclusive('\n')
+                .filter(|l| l.ends_with('\n') && l.starts_with("sum "))
+                .count()
+        };
+        assert!(
+            r.wait_for_every(
+                Duration::from_millis(1),
+                Duration::from_secs(300),
+                |o| whole(o) >= 2
+            ),
+            "{}",
+            r.stderr()
+        );
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let _ = r.kill();
+        ms
+    };
+    let (mut lazy, mut eager) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        lazy.push(once(&["restore", "--from", "sum.img"]));
+        eager.push(once(&["restore", "--eager", "--from", "sum.img"]));
+    }
+    (lazy, eager)
 }
 
 fn main() {
@@ -110,19 +170,22 @@ fn main() {
             let _ = Running::kill(v);
         }
         let size = |f: &str| std::fs::metadata(s.0.join(f)).map_or(0, |m| m.len());
-        let restore = |img: &str| -> Vec<f64> {
+        let restore = |args: &[&str]| -> Vec<f64> {
             (0..runs)
                 .map(|_| {
                     let start = Instant::now();
-                    let mut r = Running::spawn(&["restore", "--from", img], &s.0);
+                    let mut r = Running::spawn(args, &s.0);
                     let ms = until_tick(&mut r, start);
                     let _ = Running::kill(r);
                     ms
                 })
                 .collect()
         };
-        let restore_none = restore("none-0.img");
-        let restore_zstd = restore("zstd-0.img");
+        let restore_none = restore(&["restore", "--from", "none-0.img"]);
+        let restore_zstd = restore(&["restore", "--from", "zstd-0.img"]);
+        let eager_none = restore(&["restore", "--eager", "--from", "none-0.img"]);
+        let eager_zstd = restore(&["restore", "--eager", "--from", "zstd-0.img"]);
+        let (lazy_sum, eager_sum) = until_memory_read(&s.0, kernel, mib, runs);
         let (cold_m, ..) = median_spread(cold.clone());
         let gb = mib as f64 / 1024.0;
         let rate = |v: &[f64]| gb / (median_spread(v.to_vec()).0 / 1000.0);
@@ -140,15 +203,24 @@ fn main() {
             rate(&snap_zstd),
             size("zstd-0.img") as f64 / 1048576.0
         );
+        let med = |v: &[f64]| median_spread(v.to_vec()).0;
+        for (what, v) in [
+            ("restore from none, lazy ", &restore_none),
+            ("restore from none, eager", &eager_none),
+            ("restore from zstd:1, lazy ", &restore_zstd),
+            ("restore from zstd:1, eager", &eager_zstd),
+        ] {
+            println!(
+                "  {what:<27} {}   {:5.2}x cold start   (to the first tick)",
+                fmt(v),
+                med(v) / cold_m
+            );
+        }
         println!(
-            "  restore from none         {}   {:5.2}x cold start",
-            fmt(&restore_none),
-            median_spread(restore_none.clone()).0 / cold_m
+            "  memory read again, lazy    {}   {:5.2}x eager   (restore from zstd:1 to the guest's first whole pass over its memory)",
+            fmt(&lazy_sum),
+            med(&lazy_sum) / med(&eager_sum)
         );
-        println!(
-            "  restore from zstd:1       {}   {:5.2}x cold start",
-            fmt(&restore_zstd),
-            median_spread(restore_zstd.clone()).0 / cold_m
-        );
+        println!("  memory read again, eager   {}", fmt(&eager_sum));
     }
 }

@@ -255,6 +255,17 @@ impl Running {
 
     /// Waits until the output satisfies `pred`; false on timeout or exit.
     pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        self.wait_for_every(Duration::from_millis(50), timeout, pred)
+    }
+
+    /// [`Running::wait_for`], looking every `every` (benchmarks that time
+    /// milliseconds look every millisecond).
+    pub fn wait_for_every(
+        &mut self,
+        every: Duration,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if pred(&self.output()) {
@@ -263,7 +274,7 @@ impl Running {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
                 return pred(&self.output());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(every);
         }
         false
     }

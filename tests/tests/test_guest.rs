@@ -192,33 +192,38 @@ fn guest_memory_gets_huge_pages() {
 /// Snapshot mid-run with --stop (the original ends), then restore: every
 /// register check still passes, the memory checksum is unchanged and the
 /// tick counter carries on from where it was, on 1 and 4 vCPUs.
+/// The test guest with `vcpus`, `mem` MiB and `cmdline`, its API socket
+/// `api.sock` in `dir`.
+fn run_with_api(dir: &std::path::Path, vcpus: u32, mem: u32, cmdline: &str) -> vmm_tests::Running {
+    let (k, vcpus, mem) = (test_guest(), vcpus.to_string(), mem.to_string());
+    vmm_tests::Running::spawn(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--vcpus",
+            &vcpus,
+            "--mem",
+            &mem,
+            "--cmdline",
+            cmdline,
+            "--api-sock",
+            "api.sock",
+        ],
+        dir,
+    )
+}
+
 #[test]
 fn restore_carries_on_where_it_stopped() {
     if !kvm_available("restore_carries_on_where_it_stopped") {
         return;
     }
-    let k = test_guest();
     for n in [1u32, 4] {
         let s = vmm_tests::Scratch::new(&format!("tg-restore-{n}"));
         let smp = if n > 1 { " smp" } else { "" };
         let cmdline = format!("ticks=20 regs{smp} dirty=64,pattern=mix,rewrite=0 sum");
-        let vcpus = n.to_string();
-        let mut orig = vmm_tests::Running::spawn(
-            &[
-                "run",
-                "--kernel",
-                &k,
-                "--vcpus",
-                &vcpus,
-                "--mem",
-                "256",
-                "--cmdline",
-                &cmdline,
-                "--api-sock",
-                "api.sock",
-            ],
-            &s.0,
-        );
+        let mut orig = run_with_api(&s.0, n, 256, &cmdline);
         assert!(
             orig.wait_for(Duration::from_secs(60), |o| ticks(o).len() >= 5),
             "{}\n{}",
@@ -282,48 +287,193 @@ fn restore_carries_on_where_it_stopped() {
         let sum_before: Vec<&str> = before.lines().filter(|l| l.starts_with("sum ")).collect();
         assert!(!sum_before.is_empty(), "{before}");
 
-        let mut r = vmm_tests::Running::spawn(&["restore", "--from", "img"], &s.0);
-        let ok = r.wait_for(Duration::from_secs(60), |o| {
-            ticks(o).len() >= 5
-                && o.split_inclusive('\n')
-                    .any(|l| l.ends_with('\n') && l.starts_with("sum "))
-        });
-        let after = r.kill();
-        let out = after.out();
-        assert!(
-            ok,
-            "{n} vCPUs: restored guest does not tick:\n{out}\n{}",
-            after.stderr
-        );
-        // The console carries on where it was: a line cut by the snapshot is
-        // finished by the restored guest, so check the two outputs joined.
-        let t = ticks(&format!("{before}{out}"));
-        assert!(t.len() >= last as usize + 4, "{n} vCPUs: {t:?}");
-        assert!(
-            t.iter().enumerate().all(|(i, &x)| x == i as u64 + 1),
-            "{n} vCPUs: ticks across the restore: {t:?}"
-        );
-        assert!(!out.contains("ready"), "the guest started over:\n{out}");
-        assert!(!out.contains("BAD"), "{out}");
-        assert!(out.matches("regs ok").count() >= 3, "{out}");
-        // The guest was killed mid-output: its last line may be cut short.
-        let whole_sums: Vec<&str> = out
-            .split_inclusive('\n')
-            .filter(|l| l.ends_with('\n') && l.starts_with("sum "))
-            .map(str::trim_end)
-            .collect();
-        assert!(!whole_sums.is_empty(), "{out}");
-        for l in whole_sums {
-            assert_eq!(l, sum_before[0], "{n} vCPUs: memory changed across restore");
-        }
-        if n > 1 {
-            for cpu in 0..n {
-                assert!(
-                    out.contains(&format!("cpu {cpu} regs ok")),
-                    "cpu {cpu}:\n{out}"
+        // Lazily (the default from a file: memory arrives as the guest
+        // touches it) and eagerly (all of it read first).
+        for how in [
+            &["restore", "--from", "img"][..],
+            &["restore", "--eager", "--from", "img"],
+        ] {
+            let lazy = !how.contains(&"--eager");
+            let mut r = vmm_tests::Running::spawn(how, &s.0);
+            // Ticks come in batches while the guest's loop is slow (its
+            // first pass over lazily arriving memory): wait for the loop's
+            // own lines too.
+            let ok = r.wait_for(Duration::from_secs(60), |o| {
+                ticks(o).len() >= 5
+                    && !whole_sums(o).is_empty()
+                    && o.matches("regs ok").count() >= 3
+            });
+            let after = r.kill();
+            let out = after.out();
+            assert!(
+                ok,
+                "{n} vCPUs, lazy {lazy}: restored guest does not tick:\n{out}\n{}",
+                after.stderr
+            );
+            assert_eq!(
+                after.stderr.contains("(arriving on demand)"),
+                lazy,
+                "the restore line says how memory came: {}",
+                after.stderr
+            );
+            // The console carries on where it was: a line cut by the snapshot is
+            // finished by the restored guest, so check the two outputs joined.
+            let t = ticks(&format!("{before}{out}"));
+            assert!(t.len() >= last as usize + 4, "{n} vCPUs: {t:?}");
+            assert!(
+                t.iter().enumerate().all(|(i, &x)| x == i as u64 + 1),
+                "{n} vCPUs: ticks across the restore: {t:?}"
+            );
+            assert!(!out.contains("ready"), "the guest started over:\n{out}");
+            assert!(!out.contains("BAD"), "{out}");
+            assert!(out.matches("regs ok").count() >= 3, "{out}");
+            // The guest was killed mid-output: its last line may be cut short.
+            let sums = whole_sums(&out);
+            assert!(!sums.is_empty(), "{out}");
+            for l in sums {
+                assert_eq!(
+                    l, sum_before[0],
+                    "{n} vCPUs, lazy {lazy}: memory changed across restore"
                 );
             }
+            if n > 1 {
+                for cpu in 0..n {
+                    assert!(
+                        out.contains(&format!("cpu {cpu} regs ok")),
+                        "cpu {cpu}:\n{out}"
+                    );
+                }
+            }
         }
+    }
+}
+
+/// The whole `sum ...` lines of a guest's output (a killed guest's last
+/// line may be cut short).
+fn whole_sums(out: &str) -> Vec<String> {
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n') && l.starts_with("sum "))
+        .map(|l| l.trim_end().to_string())
+        .collect()
+}
+
+/// Waits until `r` has said on stderr that it restored the VM.
+fn until_restored(r: &vmm_tests::Running) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !r.stderr().contains("vmm: restored ") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no restore:\n{}",
+            r.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Lazy restore's edges: a snapshot of a VM whose memory has not all
+/// arrived is whole (the writer's reads fault it in); an image deleted
+/// under a running VM still serves it (the VMM keeps it open); a damaged
+/// chunk stops the VM, naming the chunk, before the guest runs on it.
+#[test]
+fn lazy_restore_snapshots_deletion_and_damage() {
+    if !kvm_available("lazy_restore_snapshots_deletion_and_damage") {
+        return;
+    }
+    let s = vmm_tests::Scratch::new("tg-lazy");
+    let mut orig = run_with_api(&s.0, 1, 512, "ticks=20 dirty=256,pattern=mix,rewrite=0 sum");
+    assert!(
+        orig.wait_for(Duration::from_secs(60), |o| whole_sums(o).len() >= 2),
+        "{}\n{}",
+        orig.output(),
+        orig.stderr()
+    );
+    let snap = vmm_tests::vmm_in(
+        &s.0,
+        &[
+            "snapshot",
+            "--api-sock",
+            "api.sock",
+            "--out",
+            "img",
+            "--stop",
+        ],
+    );
+    assert!(
+        snap.status.success(),
+        "{}",
+        String::from_utf8_lossy(&snap.stderr)
+    );
+    let before = orig.finish(Duration::from_secs(30)).out();
+    let sum = whole_sums(&before)[0].clone();
+    // Only faults bring memory in: the guest's and the snapshot writer's.
+    let faults_only = [("VMM_LAZY_BACKGROUND", std::path::Path::new("0"))];
+
+    // A snapshot right after a lazy restore, before the guest has touched
+    // most of its memory: the new image holds all of it.
+    let r = vmm_tests::Running::spawn_env(
+        &["restore", "--from", "img", "--api-sock", "lazy.sock"],
+        &s.0,
+        &faults_only,
+    );
+    until_restored(&r);
+    let snap = vmm_tests::vmm_in(
+        &s.0,
+        &[
+            "snapshot",
+            "--api-sock",
+            "lazy.sock",
+            "--out",
+            "mid.img",
+            "--stop",
+        ],
+    );
+    assert!(
+        snap.status.success(),
+        "{}",
+        String::from_utf8_lossy(&snap.stderr)
+    );
+    let o = r.finish(Duration::from_secs(30));
+    assert_eq!(o.status, Some(0), "{}", o.stderr);
+    let mut again = vmm_tests::Running::spawn(&["restore", "--eager", "--from", "mid.img"], &s.0);
+    let ok = again.wait_for(Duration::from_secs(60), |o| whole_sums(o).len() >= 2);
+    let out = again.kill();
+    assert!(ok, "{}\n{}", out.out(), out.stderr);
+    for l in whole_sums(&out.out()) {
+        assert_eq!(l, sum, "the image of a lazily restored VM lost memory");
+    }
+
+    // The image deleted while its memory is still arriving.
+    std::fs::copy(s.0.join("img"), s.0.join("gone.img")).unwrap();
+    let mut r =
+        vmm_tests::Running::spawn_env(&["restore", "--from", "gone.img"], &s.0, &faults_only);
+    until_restored(&r);
+    std::fs::remove_file(s.0.join("gone.img")).unwrap();
+    let ok = r.wait_for(Duration::from_secs(60), |o| whole_sums(o).len() >= 2);
+    let out = r.kill();
+    assert!(ok, "{}\n{}", out.out(), out.stderr);
+    for l in whole_sums(&out.out()) {
+        assert_eq!(l, sum, "memory changed after the image was deleted");
+    }
+
+    // A damaged byte in the middle of the memory chunks.
+    let mut bytes = std::fs::read(s.0.join("img")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(s.0.join("bad.img"), &bytes).unwrap();
+    let r = vmm_tests::Running::spawn(&["restore", "--from", "bad.img"], &s.0);
+    let o = r.finish(Duration::from_secs(60));
+    assert!(!o.timed_out, "a bad chunk must stop the VM:\n{}", o.stderr);
+    assert_eq!(o.status, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("vmm: error: cannot restore guest memory from bad.img: ")
+            && o.stderr.contains("memory chunk at guest 0x")
+            && o.stderr.contains("the VM is stopped"),
+        "{}",
+        o.stderr
+    );
+    for l in whole_sums(&o.out()) {
+        assert_eq!(l, sum, "the guest ran on damaged memory");
     }
 }
 

@@ -36,6 +36,7 @@ use crate::events::{SnapshotOptions, SnapshotTarget};
 use crate::host::host_cpu;
 use crate::kvm::persist::{VcpuState, VmState};
 use crate::memory::{GuestRam, RamSink};
+use crate::page_server::LazyMemory;
 use crate::state::{MachineConfig, MachineState};
 use devices::virtio::block::{Backing, Overlay};
 
@@ -493,12 +494,20 @@ impl ImageIn {
 
     /// Reads memory into `ram` (decoded on all cores), then each disk into
     /// a new sparse file in `disk_dir`, and checks the disks the image left
-    /// out. Returns the machine's state and the disk of each device.
+    /// out. Returns the machine's state, the disk of each device, and the
+    /// memory still to fetch.
+    ///
+    /// With `lazy` (the image's file, `source` naming it) and an image that
+    /// can be read out of order (a full image with an index that agrees
+    /// with it), memory is left out: `ram` is not touched, the disks are
+    /// read past the memory chunks, and the chunks are returned for the
+    /// page server ([`crate::page_server`]). Otherwise memory is read here.
     pub fn read_contents(
         self,
         ram: &GuestRam,
         disk_dir: &Path,
-    ) -> Result<(MachineState, HashMap<String, DiskFile>), ImageError> {
+        lazy: Option<(File, &str)>,
+    ) -> Result<Contents, ImageError> {
         let ImageIn {
             mut reader,
             state,
@@ -521,7 +530,28 @@ impl ImageIn {
             threads: 0,
             dest_is_zeroed: true,
         };
-        let (_, mut next) = reader.read_memory_with(&RamSink(ram), fresh)?;
+        let lazy = match lazy {
+            Some((file, source)) if !reader.header().is_incremental() => {
+                lazy_plan(file, &layout, reader.position(), source)?
+            }
+            _ => None,
+        };
+        let mut next = match &lazy {
+            Some(plan) => {
+                let rest = Positioned {
+                    file: plan.file.try_clone().map_err(SnapshotError::Read)?,
+                    pos: plan.end,
+                };
+                let header = reader.header().clone();
+                reader = ImageReader::resume_at(
+                    BufReader::with_capacity(1 << 20, Box::new(rest) as Box<dyn Read>),
+                    header,
+                    plan.end,
+                );
+                reader.next_section()?
+            }
+            None => reader.read_memory_with(&RamSink(ram), fresh)?.1,
+        };
         let mut disks = HashMap::new();
         loop {
             match next {
@@ -615,7 +645,99 @@ impl ImageIn {
                 })?;
             }
         }
-        Ok((state, disks))
+        Ok(Contents {
+            state,
+            disks,
+            lazy: lazy.map(|p| LazyMemory {
+                file: p.file,
+                chunks: p.chunks,
+                source: p.source,
+            }),
+        })
+    }
+}
+
+/// What [`ImageIn::read_contents`] read.
+pub struct Contents {
+    pub state: MachineState,
+    /// The disk of each device, by device id.
+    pub disks: HashMap<String, DiskFile>,
+    /// Memory left in the image, for the page server.
+    pub lazy: Option<LazyMemory>,
+}
+
+/// Where a lazy restore's memory chunks are, and where the image goes on.
+struct LazyPlan {
+    file: File,
+    chunks: Vec<snapshot::ChunkLocation>,
+    end: u64,
+    source: String,
+}
+
+/// The memory chunks of the image in `file` (whose memory section the
+/// streaming reader has just read, ending at `memory_end`), if it can be
+/// restored lazily; `None` for an image without an index (one written
+/// without it: its memory is read in order). An index that disagrees with
+/// the image is an error, as the streaming reader would find at the end.
+fn lazy_plan(
+    file: File,
+    layout: &snapshot::MemoryLayout,
+    memory_end: u64,
+    source: &str,
+) -> Result<Option<LazyPlan>, ImageError> {
+    let mut at = Positioned {
+        file: file.try_clone().map_err(SnapshotError::Read)?,
+        pos: 0,
+    };
+    let index = match snapshot::read_index(&mut at) {
+        Ok(index) => index,
+        Err(e) => {
+            log::info!("restore: memory read in order: the image has no usable index ({e})");
+            return Ok(None);
+        }
+    };
+    let chunks = snapshot::memory_chunks(&index, layout, memory_end)?;
+    Ok(Some(LazyPlan {
+        file,
+        chunks: chunks.chunks,
+        end: chunks.end,
+        source: source.to_string(),
+    }))
+}
+
+/// A file read with positioned reads from its own position: clones of one
+/// descriptor share the file offset, these do not, so the image's reader,
+/// the index reader and the page server never move each other.
+struct Positioned {
+    file: File,
+    pos: u64,
+}
+
+impl Read for Positioned {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for Positioned {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        use std::io::SeekFrom;
+        let base = match to {
+            SeekFrom::Start(n) => {
+                self.pos = n;
+                return Ok(n);
+            }
+            SeekFrom::End(d) => (self.file.metadata()?.len(), d),
+            SeekFrom::Current(d) => (self.pos, d),
+        };
+        self.pos = base
+            .0
+            .checked_add_signed(base.1)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        Ok(self.pos)
     }
 }
 

@@ -41,6 +41,7 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod names;
+pub mod page_server;
 pub mod progress;
 pub mod runner;
 pub mod sandbox;

@@ -326,9 +326,15 @@ struct SnapshotArgs {
 
 #[derive(clap::Args)]
 struct RestoreArgs {
-    /// The image: a file, or - for stdin.
+    /// The image: a file, or - for stdin. From a file the VM runs at once
+    /// and its memory arrives as it touches it (lazy restore); stdin
+    /// cannot be read out of order, so it is read whole first.
     #[arg(long)]
     from: String,
+    /// Read all of the image's memory before the VM runs (as from stdin),
+    /// instead of lazily.
+    #[arg(long)]
+    eager: bool,
     #[command(flatten)]
     control: ControlArgs,
     /// Where the image's disks are materialized (sparse files named after the image id).
@@ -620,7 +626,17 @@ impl std::str::FromStr for RestoreVsock {
 }
 
 fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
-    let from = open_image(args.from.as_str())?;
+    let (from, lazy): (Box<dyn std::io::Read>, _) = if args.from == "-" {
+        (Box::new(std::io::stdin()), None)
+    } else {
+        let file = std::fs::File::open(&args.from)
+            .with_context(|| format!("cannot open image {}", args.from))?;
+        let lazy = match args.eager {
+            true => None,
+            false => Some(file.try_clone().context("cannot keep the image open")?),
+        };
+        (Box::new(file), lazy)
+    };
     // A bar for the image read, if it takes a while (a file's size is its
     // total; stdin's is not known).
     let total = (args.from != "-")
@@ -638,8 +654,16 @@ fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
         (false, true) => runner::Report::Json,
         (false, false) => runner::Report::Line,
     };
-    let finished = runner::restore(from, &args.from, &args.disk_dir, &overrides, &opts, start)
-        .with_context(|| format!("cannot restore from {}", args.from))?;
+    let finished = runner::restore(
+        from,
+        lazy,
+        &args.from,
+        &args.disk_dir,
+        &overrides,
+        &opts,
+        start,
+    )
+    .with_context(|| format!("cannot restore from {}", args.from))?;
     if args.timings {
         eprintln!("{}", finished.timings);
     }

@@ -4,7 +4,9 @@
 //!
 //! Today: anonymous private memory, advised for transparent huge pages
 //! (`VMM_THP=0` leaves it on 4 KiB pages, for comparisons), one KVM slot
-//! per RAM region (below and above the MMIO gap), no slot flags.
+//! per RAM region (below and above the MMIO gap), no slot flags. A lazily
+//! restored VM's memory is the same memory, filled by `crate::page_server`
+//! through userfaultfd.
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;

@@ -170,6 +170,7 @@ pub fn warm_start(
             disk_dir: &std::env::temp_dir(),
             overrides: &RestoreOverrides::default(),
             sandbox: &opts.sandbox,
+            lazy: None,
         },
         Box::new(std::io::stdout()),
         events_tx.clone(),
@@ -181,9 +182,11 @@ pub fn warm_start(
 }
 
 /// Restores the VM in the image `from` and runs it until the guest stops.
-/// `source` names the image (a path, or `-`) for the restored guest.
+/// `source` names the image (a path, or `-`) for the restored guest;
+/// `lazy`, the image's file, lets its memory arrive as it is touched.
 pub fn restore(
     from: Box<dyn Read>,
+    lazy: Option<std::fs::File>,
     source: &str,
     disk_dir: &Path,
     overrides: &RestoreOverrides,
@@ -199,6 +202,7 @@ pub fn restore(
             disk_dir,
             overrides,
             sandbox: &opts.sandbox,
+            lazy,
         },
         Box::new(std::io::stdout()),
         events_tx.clone(),
@@ -213,6 +217,7 @@ pub fn restore(
 fn report_restore(machine: &Machine, source: &str, start: Instant, report: Report) {
     let config = machine.config();
     let id = machine.restored_image().unwrap_or("?");
+    let lazy = machine.memory_fill().is_some();
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     let line = match report {
         Report::Quiet => return,
@@ -222,11 +227,13 @@ fn report_restore(machine: &Machine, source: &str, start: Instant, report: Repor
             "mem_mib": config.mem_mib,
             "vcpus": config.vcpus,
             "restore_ms": ms,
+            "memory": if lazy { "on demand" } else { "read" },
         })
         .to_string(),
         Report::Line => format!(
-            "vmm: restored {id} from {source}: {} MiB of memory, {} vCPU{}, in {ms:.0} ms",
+            "vmm: restored {id} from {source}: {} MiB of memory{}, {} vCPU{}, in {ms:.0} ms",
             config.mem_mib,
+            if lazy { " (arriving on demand)" } else { "" },
             config.vcpus,
             if config.vcpus == 1 { "" } else { "s" },
         ),
@@ -324,6 +331,9 @@ fn run_machine(
     console_done.store(true, Ordering::Release);
     machine.shutdown();
     log::info!("VM stopped ({reason:?}) after {:?}", start.elapsed());
+    if let Some(fill) = machine.memory_fill() {
+        log::info!("lazy restore: {fill:?}");
+    }
 
     let status = match reason {
         StopReason::GuestReset | StopReason::Requested => match machine.devices().exit_status() {

@@ -54,6 +54,8 @@ pub enum ThreadKind {
     /// Waits on one input and passes it on: the console's input, the
     /// checkpoint signal.
     Relay,
+    /// Brings a lazily restored VM's memory in (`crate::page_server`).
+    PageServer,
     Main,
 }
 
@@ -65,6 +67,7 @@ impl ThreadKind {
             ThreadKind::Api => "API",
             ThreadKind::Agent => "agent channel",
             ThreadKind::Relay => "relay",
+            ThreadKind::PageServer => "page server",
             ThreadKind::Main => "main",
         }
     }
@@ -91,6 +94,9 @@ const KVMIO: u64 = 0xAE;
 
 /// `_IOW('T', 208, unsigned int)`.
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+
+/// userfaultfd's ioctl type: UFFDIO (0xAA) in bits 8-15.
+const UFFDIO: u64 = 0xAA;
 
 /// FIONBIO: how std's `set_nonblocking` sets a socket non-blocking.
 const FIONBIO: u64 = 0x5421;
@@ -270,6 +276,25 @@ fn allowed(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
                 &mut rules,
                 &[libc::SYS_recvfrom, libc::SYS_poll, libc::SYS_ppoll],
             );
+        }
+        ThreadKind::PageServer => {
+            // Waits on the userfaultfd and its stop eventfd, reads the
+            // fault events (read), the image's chunks (positioned reads),
+            // fills memory with userfaultfd's ioctls.
+            allow_all(
+                &mut rules,
+                &[libc::SYS_pread64, libc::SYS_poll, libc::SYS_ppoll],
+            );
+            let uffdio = SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(0xff00),
+                UFFDIO << 8,
+            )?])?;
+            rules.insert(libc::SYS_ioctl, vec![uffdio]);
+            // Its first large allocation: glibc's malloc reads
+            // /proc/sys/vm/overcommit_memory for a new thread's arena.
+            rules.insert(libc::SYS_openat, vec![arg_is(2, READ_ONLY_CLOEXEC)?]);
         }
         ThreadKind::Main => {
             // The VM's lifecycle (KVM's ioctls, kicking vCPU threads), the
@@ -645,21 +670,26 @@ mod tests {
                     "a program",
                     std::process::Command::new("/bin/true").status(),
                 );
-                if let Some(kvm) = &kvm {
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: KVM_GET_API_VERSION takes no argument.
-                    let r = unsafe { libc::ioctl(kvm.as_raw_fd(), 0xAE00, 0) };
-                    refused(
-                        "a KVM ioctl",
-                        if r < 0 {
-                            Err(std::io::Error::last_os_error())
-                        } else {
-                            Ok(r)
-                        },
-                    );
-                }
+                refused_kvm(kvm.as_ref());
             });
             std::fs::remove_dir_all(&d).unwrap();
+        }
+    }
+
+    /// A KVM ioctl on `kvm` (where the host has KVM) is refused.
+    fn refused_kvm(kvm: Option<&std::fs::File>) {
+        use std::os::fd::AsRawFd;
+        if let Some(kvm) = kvm {
+            // SAFETY: KVM_GET_API_VERSION takes no argument.
+            let r = unsafe { libc::ioctl(kvm.as_raw_fd(), 0xAE00, 0) };
+            refused(
+                "a KVM ioctl",
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(r)
+                },
+            );
         }
     }
 
@@ -683,6 +713,45 @@ mod tests {
                     .and_then(|_| std::fs::File::create("/proc/self/nothing-here")),
             );
         });
+    }
+
+    #[test]
+    fn the_page_server_filter_reads_images_and_fills_memory_only() {
+        let d = scratch("page-server");
+        std::fs::write(d.join("img"), b"0123456789").unwrap();
+        let img = std::fs::File::open(d.join("img")).unwrap();
+        let new = d.join("new");
+        let kvm = std::fs::File::open("/dev/kvm").ok();
+        on_filtered_thread(ThreadKind::PageServer, move || {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::fs::FileExt;
+            // Allowed: positioned reads of the image; userfaultfd's ioctls
+            // (here on a file that is not one: refused by the kernel with
+            // ENOTTY, not by the filter with EPERM).
+            let mut buf = [0u8; 3];
+            img.read_exact_at(&mut buf, 4).unwrap();
+            assert_eq!(&buf, b"456");
+            // SAFETY: UFFDIO_WAKE (_IOR(0xAA, 0x02, struct uffdio_range)) on
+            // a plain file reads nothing and fails.
+            let r = unsafe { libc::ioctl(img.as_raw_fd(), 0x8010_AA02u64 as _, 0) };
+            assert_eq!(r, -1);
+            let e = std::io::Error::last_os_error().raw_os_error();
+            assert_ne!(e, Some(libc::EPERM), "userfaultfd's ioctls pass the filter");
+            // Refused: KVM, sockets, files written, threads, programs.
+            refused("a socket", std::os::unix::net::UnixStream::pair());
+            refused("create a file", std::fs::File::create(&new));
+            refused(
+                "a thread",
+                std::thread::Builder::new().spawn(|| ()).map(|_| ()),
+            );
+            refused(
+                "a program",
+                std::process::Command::new("/bin/true").status(),
+            );
+            refused_kvm(kvm.as_ref());
+        });
+        assert!(!d.join("new").exists());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

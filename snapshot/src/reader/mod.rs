@@ -169,6 +169,25 @@ impl<R: Read> ImageReader<R> {
         })
     }
 
+    /// Reads on from image offset `pos` of the image whose `header` another
+    /// reader read, `r` being positioned there: a lazy restore reads the
+    /// states with one reader, skips the memory chunks (their place known
+    /// from [`crate::memory_chunks`]) and reads the disks and the end with
+    /// this one. Memory has been seen: another MEMORY section is refused.
+    pub fn resume_at(r: R, header: Header, pos: u64) -> Self {
+        ImageReader {
+            r,
+            header,
+            pos,
+            ended: false,
+            seen: 0,
+            last_label: format!("the memory chunks, skipped to offset {pos}"),
+            owner: Owner::None,
+            seen_memory: true,
+            index: None,
+        }
+    }
+
     pub fn header(&self) -> &Header {
         &self.header
     }
