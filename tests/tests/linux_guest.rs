@@ -130,9 +130,9 @@ fn linux_boots_to_an_interactive_shell() {
     );
     eprintln!("linux_boots_to_an_interactive_shell: {:?}", o.elapsed);
 
-    // The mid-boot image, restored after the original is gone: the kernel
-    // carries on booting (no second "Linux version", its clock going on from
-    // the snapshot) to a shell that works.
+    // The mid-boot image, restored (lazily) after the original is gone: the
+    // kernel carries on booting (no second "Linux version", its clock going
+    // on from the snapshot) to a shell that works.
     let mut r = Running::spawn(&["restore", "--from", "midboot.img"], &s.0);
     assert!(
         r.wait_for(BOOT_TIMEOUT, at_prompt),
@@ -145,6 +145,8 @@ fn linux_boots_to_an_interactive_shell() {
     let out = o.out();
     assert!(out.contains("RESTORED-42"), "{out}\n{}", o.stderr);
     assert_eq!(o.status, Some(9), "{out}\n{}", o.stderr);
+    // From a file, memory arrived on demand while the kernel booted on.
+    assert!(o.stderr.contains("(arriving on demand)"), "{}", o.stderr);
     assert!(
         !out.contains("Linux version"),
         "the kernel started over:\n{out}"

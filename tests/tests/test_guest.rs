@@ -927,8 +927,9 @@ fn snapshot_and_restore_show_progress_on_a_terminal() {
     );
     vm.kill();
 
+    // Eagerly: a lazy restore reads little before the guest runs.
     let said = vmm_tests::on_a_terminal(
-        "restore --from img --disk-dir .",
+        "restore --eager --from img --disk-dir .",
         Some(&s.0),
         &now,
         Duration::from_secs(4),

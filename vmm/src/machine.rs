@@ -428,6 +428,9 @@ impl Machine {
         for v in &self.vcpus {
             v.resume()?;
         }
+        if let Some(p) = &self.page_server {
+            p.start_fill();
+        }
         self.lifecycle = Lifecycle::Running;
         Ok(())
     }

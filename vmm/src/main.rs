@@ -638,8 +638,9 @@ fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
         (Box::new(file), lazy)
     };
     // A bar for the image read, if it takes a while (a file's size is its
-    // total; stdin's is not known).
-    let total = (args.from != "-")
+    // total; stdin's is not known, nor how much of a file a lazy restore
+    // reads before the guest runs: its states and disks).
+    let total = (args.from != "-" && lazy.is_none())
         .then(|| std::fs::metadata(&args.from).ok().map(|m| m.len()))
         .flatten();
     let bar = vmm::progress::Bar::new("restoring", !args.quiet && !args.json);

@@ -54,7 +54,8 @@ pub enum ThreadKind {
     /// Waits on one input and passes it on: the console's input, the
     /// checkpoint signal.
     Relay,
-    /// Brings a lazily restored VM's memory in (`crate::page_server`).
+    /// Brings a lazily restored VM's memory in (`crate::page_server`): its
+    /// fault thread and its filler (whose lower priority is set before).
     PageServer,
     Main,
 }
