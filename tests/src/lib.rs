@@ -385,3 +385,37 @@ pub fn on_a_terminal(
     let _ = child.wait();
     String::from_utf8_lossy(&reader.join().unwrap()).into_owned()
 }
+
+/// One HTTP/1.1 request on a fresh connection to the API socket `sock`;
+/// the response's head and its body (by its Content-Length, as an HTTP
+/// client reads it: a server may keep the connection open, e.g. to discard
+/// a refused body).
+pub fn http(sock: &str, request: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(sock)?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(request.as_bytes())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return Ok(text);
+            }
+        }
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Ok(String::from_utf8_lossy(&got).into_owned());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}

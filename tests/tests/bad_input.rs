@@ -544,39 +544,6 @@ fn files_of_the_user_are_never_destroyed() {
     assert!(!out.exists());
 }
 
-/// One HTTP/1.1 request on a fresh connection; the response's head and
-/// its body (by its Content-Length, as an HTTP client reads it: a server
-/// may keep the connection open, e.g. to discard a refused body).
-fn http(sock: &str, request: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut c = std::os::unix::net::UnixStream::connect(sock)?;
-    c.set_read_timeout(Some(Duration::from_secs(10)))?;
-    c.write_all(request.as_bytes())?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if got.len() >= end + 4 + len {
-                return Ok(text);
-            }
-        }
-        let n = c.read(&mut buf)?;
-        if n == 0 {
-            return Ok(String::from_utf8_lossy(&got).into_owned());
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-}
-
 /// Clients that connect and say nothing (100 of them at once), a body that
 /// never finishes, a 1 GiB body: the VM keeps running and a good request
 /// still gets its answer within a second.
@@ -599,7 +566,7 @@ fn the_api_survives_misbehaving_clients() {
     slow.write_all(b"PUT /vm/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"a\":")
         .unwrap();
     // A gigabyte announced: refused at once, before any of it is read.
-    let huge = http(
+    let huge = vmm_tests::http(
         sock,
         "PUT /vm/snapshot HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\nConnection: close\r\n\r\n",
     )
@@ -607,7 +574,7 @@ fn the_api_survives_misbehaving_clients() {
     assert!(huge.starts_with("HTTP/1.1 413"), "{huge}");
     for _ in 0..3 {
         let t0 = std::time::Instant::now();
-        let answer = http(
+        let answer = vmm_tests::http(
             sock,
             "GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )

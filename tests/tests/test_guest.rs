@@ -416,6 +416,21 @@ fn lazy_restore_snapshots_deletion_and_damage() {
         &faults_only,
     );
     until_restored(&r);
+    // The API says how much has arrived: not all of the 512 chunks (1 MiB
+    // each), and nothing in the background.
+    let sock = s.0.join("lazy.sock");
+    let vm = vmm_tests::http(
+        sock.to_str().unwrap(),
+        "GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let body = &vm[vm.find("\r\n\r\n").map_or(0, |i| i + 4)..];
+    let body: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {vm}"));
+    let fill = &body["lazy_memory"];
+    assert_eq!(fill["chunks"], 512, "{body}");
+    assert_eq!(fill["done"], false, "{body}");
+    assert_eq!(fill["in_background"], 0, "{body}");
     let snap = vmm_tests::vmm_in(
         &s.0,
         &[

@@ -138,6 +138,8 @@ pub struct VmInfo {
     pub state: Arc<Mutex<&'static str>>,
     /// How far the image being written has got, if one is.
     pub progress: Arc<crate::image::Progress>,
+    /// A lazily restored VM's memory: how much has arrived.
+    pub memory_fill: Option<crate::page_server::FillMonitor>,
 }
 
 impl VmInfo {
@@ -722,6 +724,7 @@ fn route(method: &str, url: &str, body: &[u8], upgrade: bool, ctx: &Context) -> 
                 "name": info.name,
                 "state": *info.state.lock().unwrap_or_else(PoisonError::into_inner),
                 "progress": info.progress.now().map(|(done, total)| serde_json::json!({ "done": done, "total": total })),
+                "lazy_memory": info.memory_fill.as_ref().map(|m| m.now()),
             }),
         ),
         Endpoint::Shutdown => {
@@ -790,6 +793,7 @@ mod tests {
             image: None,
             state: Arc::new(Mutex::new("running")),
             progress: Arc::default(),
+            memory_fill: None,
         }
     }
 

@@ -367,6 +367,11 @@ impl Machine {
         self.page_server.as_ref().map(PageServer::stats)
     }
 
+    /// [`Machine::memory_fill`], as a handle for other threads.
+    pub fn memory_fill_monitor(&self) -> Option<crate::page_server::FillMonitor> {
+        self.page_server.as_ref().map(PageServer::monitor)
+    }
+
     /// The id of the image the machine was restored from, if it was.
     pub fn restored_image(&self) -> Option<&str> {
         self.restored_image.as_deref()

@@ -64,9 +64,11 @@ pub struct LazyMemory {
     pub source: String,
 }
 
-/// How far the fill has got, for waiters and reports.
-#[derive(Debug, Default, Clone, Copy)]
+/// How far the fill has got, for waiters and reports (`GET /vm`).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct FillStats {
+    /// Chunks of memory in the image.
+    pub chunks: u64,
     /// Chunks copied in because something touched them.
     pub on_fault: u64,
     /// Chunks copied in by the background fill.
@@ -77,6 +79,16 @@ pub struct FillStats {
     pub done: bool,
     /// Milliseconds from the start to the last chunk.
     pub fill_ms: u64,
+}
+
+/// Where a lazy restore's fill stands, read from any thread.
+#[derive(Clone, Debug)]
+pub struct FillMonitor(Arc<Mutex<FillStats>>);
+
+impl FillMonitor {
+    pub fn now(&self) -> FillStats {
+        *lock(&self.0)
+    }
 }
 
 /// A chunk's state (`Server::state`).
@@ -105,7 +117,7 @@ struct Server {
     /// against 14–18).
     fill_go: Mutex<bool>,
     go: Condvar,
-    stats: Mutex<FillStats>,
+    stats: Arc<Mutex<FillStats>>,
     changed: Condvar,
     started: Instant,
 }
@@ -173,7 +185,10 @@ impl PageServer {
             stopping: AtomicBool::new(false),
             fill_go: Mutex::new(false),
             go: Condvar::new(),
-            stats: Mutex::new(FillStats::default()),
+            stats: Arc::new(Mutex::new(FillStats {
+                chunks: n as u64,
+                ..FillStats::default()
+            })),
             changed: Condvar::new(),
             started: Instant::now(),
         });
@@ -214,6 +229,12 @@ impl PageServer {
     /// Where the fill stands.
     pub fn stats(&self) -> FillStats {
         *lock(&self.server.stats)
+    }
+
+    /// A handle on where the fill stands that outlives the page server
+    /// (the API's view of the VM).
+    pub fn monitor(&self) -> FillMonitor {
+        FillMonitor(self.server.stats.clone())
     }
 
     /// Waits until every chunk is in.

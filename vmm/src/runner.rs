@@ -272,6 +272,7 @@ fn run_machine(
                     image: opts.image.clone(),
                     state: state.clone(),
                     progress: progress.clone(),
+                    memory_fill: machine.memory_fill_monitor(),
                 },
                 events_tx,
                 machine.agent().clone(),
