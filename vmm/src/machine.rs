@@ -247,9 +247,21 @@ impl Machine {
         let mut backends = device_manager::open_backends(&image.state().devices, host.overrides)?;
         let (agent_tx, agent_rx) = mpsc::channel();
         backends.agent = Some(agent_tx);
-        let lazy = match &host.lazy {
-            Some(f) => Some((f.try_clone().map_err(MachineError::LazyImage)?, source)),
+        // A host that refuses userfaultfd restores eagerly, as it did
+        // before lazy restore: known before anything is read.
+        let uffd = match &host.lazy {
+            Some(_) => match PageServer::open_userfaultfd() {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    log::warn!("{}; reading all of memory first", crate::error_chain(&e));
+                    None
+                }
+            },
             None => None,
+        };
+        let lazy = match (&host.lazy, &uffd) {
+            (Some(f), Some(_)) => Some((f.try_clone().map_err(MachineError::LazyImage)?, source)),
+            _ => None,
         };
         let contents = image.read_contents(vm.ram(), host.disk_dir, lazy)?;
         // After eager contents, not before: filling huge pages made the
@@ -269,9 +281,9 @@ impl Machine {
         )?;
         // Before anything touches guest memory, after Landlock (which binds
         // the threads started after it).
-        let page_server = match contents.lazy {
-            Some(lazy) => Some(PageServer::start(vm.ram(), lazy)?),
-            None => None,
+        let page_server = match (contents.lazy, uffd) {
+            (Some(lazy), Some(uffd)) => Some(PageServer::start(vm.ram(), lazy, uffd)?),
+            _ => None,
         };
         let agent = AgentChannel::start(agent_rx, events.clone(), Some(source.to_string()))
             .map_err(MachineError::AgentThread)?;

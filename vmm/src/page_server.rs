@@ -44,7 +44,7 @@ use crate::memory::GuestRam;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PageServerError {
-    #[error("cannot open a userfaultfd for lazy restore (it needs root, or vm.unprivileged_userfaultfd=1); restore with --eager")]
+    #[error("cannot open a userfaultfd for lazy restore (it needs root or vm.unprivileged_userfaultfd=1, and a seccomp profile that allows it)")]
     Open(#[source] std::io::Error),
     #[error("cannot register guest memory with userfaultfd")]
     Register(#[source] std::io::Error),
@@ -80,6 +80,9 @@ pub struct FillStats {
     /// Milliseconds from the start to the last chunk.
     pub fill_ms: u64,
 }
+
+/// A userfaultfd opened for a page server ([`PageServer::open_userfaultfd`]).
+pub struct UserfaultFd(Userfault);
 
 /// Where a lazy restore's fill stands, read from any thread.
 #[derive(Clone, Debug)]
@@ -152,10 +155,24 @@ struct Region {
 }
 
 impl PageServer {
-    /// Registers all of `ram` (untouched so far) with a new userfaultfd and
-    /// starts the threads that serve it from `image`.
-    pub fn start(ram: &GuestRam, image: LazyMemory) -> Result<Self, PageServerError> {
-        let uffd = Userfault::open().map_err(PageServerError::Open)?;
+    /// Opens the userfaultfd a page server needs: before the restore reads
+    /// anything, so that a host that refuses it (not root without
+    /// `vm.unprivileged_userfaultfd=1`, a container's seccomp profile, a
+    /// kernel without it) is known while an eager restore is still possible.
+    pub fn open_userfaultfd() -> Result<UserfaultFd, PageServerError> {
+        Userfault::open()
+            .map(UserfaultFd)
+            .map_err(PageServerError::Open)
+    }
+
+    /// Registers all of `ram` (untouched so far) with `uffd` and starts the
+    /// threads that serve it from `image`.
+    pub fn start(
+        ram: &GuestRam,
+        image: LazyMemory,
+        uffd: UserfaultFd,
+    ) -> Result<Self, PageServerError> {
+        let uffd = uffd.0;
         let regions: Vec<Region> = ram
             .slices()
             .into_iter()
@@ -281,7 +298,10 @@ impl Server {
         let mut worker = Worker::default();
         let mut addrs = Vec::new();
         loop {
-            let (faults, stopped) = wait(&self.uffd, &self.stop);
+            let (faults, stopped) = match wait(&self.uffd, &self.stop) {
+                Ok(r) => r,
+                Err(e) => self.fatal(&format!("cannot wait for page faults: {e}")),
+            };
             if stopped {
                 return;
             }
@@ -456,6 +476,11 @@ impl Server {
         match self.uffd.zeropage(page, PAGE_SIZE) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            // The last chunk came in since the fault was read: the memory
+            // is unregistered, which woke the faulting thread.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOENT)
+                    && self.remaining.load(Ordering::Acquire) == 0 => {}
             Err(e) => self.fatal(&format!("cannot map a zero page at {page:#x}: {e}")),
         }
     }
@@ -528,15 +553,16 @@ fn first_around(
 
 /// Waits for a fault or the stop signal. Returns (faults pending, stop
 /// asked).
-fn wait(uffd: &Userfault, stop: &OwnedFd) -> (bool, bool) {
+fn wait(uffd: &Userfault, stop: &OwnedFd) -> rustix::io::Result<(bool, bool)> {
     use rustix::event::{poll, PollFd, PollFlags};
     let mut fds = [
         PollFd::new(&uffd.file, PollFlags::IN),
         PollFd::new(stop, PollFlags::IN),
     ];
     match poll(&mut fds, None) {
-        Ok(n) if n > 0 => (!fds[0].revents().is_empty(), !fds[1].revents().is_empty()),
-        _ => (false, false),
+        Ok(_) => Ok((!fds[0].revents().is_empty(), !fds[1].revents().is_empty())),
+        Err(rustix::io::Errno::INTR) => Ok((false, false)),
+        Err(e) => Err(e),
     }
 }
 
