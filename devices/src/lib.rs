@@ -16,3 +16,9 @@ pub mod persist;
 pub mod virtio;
 
 pub use persist::Persist;
+
+/// Guest memory as the VMM maps it. Every write made through it (a device
+/// filling a buffer, a used-ring update, a loader) is recorded page by page
+/// in its region's bitmap: KVM's dirty log sees only the guest's own
+/// writes, and an incremental snapshot needs both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -4,15 +4,25 @@
 //!
 //! Today: anonymous private memory, advised for transparent huge pages
 //! (`VMM_THP=0` leaves it on 4 KiB pages, for comparisons), one KVM slot
-//! per RAM region (below and above the MMIO gap), no slot flags. A lazily
-//! restored VM's memory is the same memory, filled by `crate::page_server`
-//! through userfaultfd.
+//! per RAM region (below and above the MMIO gap). A lazily restored VM's
+//! memory is the same memory, filled by `crate::page_server` through
+//! userfaultfd.
+//!
+//! Dirty pages, for incremental snapshots, come from two logs kept side by
+//! side: KVM's (`KVM_MEM_LOG_DIRTY_PAGES` on every slot, from
+//! [`GuestRam::start_dirty_log`] on) holds what the guest wrote; the
+//! mapping's own bitmaps ([`devices::GuestMemoryMmap`]) hold what the VMM
+//! wrote through it (devices filling buffers, used rings), which KVM never
+//! sees. Writes into memory that bypass both (userfaultfd copies, raw
+//! slices) are restores of an image's own contents, before the log starts.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use devices::GuestMemoryMmap;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout;
 
@@ -30,11 +40,33 @@ pub enum MemoryError {
         #[source]
         err: kvm_ioctls::Error,
     },
+    #[error("cannot read KVM's dirty-page log of slot {slot}")]
+    DirtyLog {
+        slot: u32,
+        #[source]
+        err: kvm_ioctls::Error,
+    },
+}
+
+/// Pages written, per RAM region in [`GuestRam::slices`] order: bit
+/// `p % 64` of word `p / 64` for page `p` of the region (KVM's format, and
+/// the one `snapshot::ImageWriter::write_memory` takes).
+pub type DirtyPages = Vec<Vec<u64>>;
+
+/// `into |= from`, word by word.
+pub fn merge_dirty(into: &mut DirtyPages, from: &DirtyPages) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= *y;
+        }
+    }
 }
 
 /// The guest's RAM.
 pub struct GuestRam {
     mmap: GuestMemoryMmap,
+    /// KVM's dirty log is on ([`GuestRam::start_dirty_log`]).
+    dirty_log: AtomicBool,
 }
 
 impl GuestRam {
@@ -46,7 +78,10 @@ impl GuestRam {
             .collect();
         let mmap = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|source| MemoryError::Allocate { mib, source })?;
-        Ok(GuestRam { mmap })
+        Ok(GuestRam {
+            mmap,
+            dirty_log: AtomicBool::new(false),
+        })
     }
 
     /// Asks for transparent huge pages (THP is `madvise` on our hosts, so
@@ -86,11 +121,60 @@ impl GuestRam {
     /// Registers each region as a KVM memory slot. Called once per VM,
     /// before any vCPU runs.
     pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        self.set_slots(vm, 0)
+    }
+
+    /// Starts recording which pages are written, from now: KVM's log on
+    /// every slot (a slot's flags change; its memory stays) and the
+    /// mapping's bitmaps, cleared. Restarting a running log clears it.
+    /// Call with every vCPU paused and the devices quiesced.
+    pub fn start_dirty_log(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        if self.dirty_log.swap(true, Ordering::AcqRel) {
+            self.take_dirty(vm)?;
+            return Ok(());
+        }
+        if let Err(e) = self.set_slots(vm, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES) {
+            self.dirty_log.store(false, Ordering::Release);
+            return Err(e);
+        }
+        for region in self.mmap.iter() {
+            own_writes(region).reset();
+        }
+        Ok(())
+    }
+
+    /// Whether [`GuestRam::start_dirty_log`] has started the log.
+    pub fn dirty_log_started(&self) -> bool {
+        self.dirty_log.load(Ordering::Acquire)
+    }
+
+    /// The pages written since the log started or was last taken, by the
+    /// guest or through the mapping; both logs start over, empty. Call with
+    /// every vCPU paused and the devices quiesced, after
+    /// [`GuestRam::start_dirty_log`].
+    pub fn take_dirty(&self, vm: &VmFd) -> Result<DirtyPages, MemoryError> {
+        self.mmap
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let slot = slot as u32;
+                let mut bits = vm
+                    .get_dirty_log(slot, region.len() as usize)
+                    .map_err(|err| MemoryError::DirtyLog { slot, err })?;
+                for (k, v) in bits.iter_mut().zip(own_writes(region).get_and_reset()) {
+                    *k |= v;
+                }
+                Ok(bits)
+            })
+            .collect()
+    }
+
+    fn set_slots(&self, vm: &VmFd, flags: u32) -> Result<(), MemoryError> {
         for (slot, (addr, bytes)) in self.slices().into_iter().enumerate() {
             let slot = slot as u32;
             let region = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: addr,
                 memory_size: bytes.len() as u64,
                 userspace_addr: bytes.as_ptr() as u64,
@@ -129,6 +213,11 @@ impl GuestRam {
     }
 }
 
+/// The bitmap of the writes the VMM made through `region`'s mapping.
+fn own_writes(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    vm_memory::MmapRegion::bitmap(region)
+}
+
 /// Guest memory as an image reader's destination. Only pages with data are
 /// written: fresh guest memory is already zero, and not touching it saves a
 /// page fault per zero page.
@@ -151,5 +240,47 @@ impl snapshot::PageSink for RamSink<'_> {
             off += n as u64;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_pages_merge_word_by_word() {
+        let mut a: DirtyPages = vec![vec![0b0011, 0], vec![1 << 63]];
+        merge_dirty(&mut a, &vec![vec![0b0110, 5], vec![1]]);
+        assert_eq!(a, vec![vec![0b0111, 5], vec![(1 << 63) | 1]]);
+    }
+
+    /// What the VMM writes through the mapping (as devices do) is in the
+    /// log, which KVM alone would miss; taking the log empties it.
+    #[test]
+    fn the_vmms_own_writes_are_logged() {
+        let vm = crate::test_vm::vm();
+        let ram = vm.ram();
+        ram.start_dirty_log(vm.fd()).unwrap();
+        assert!(ram.dirty_log_started());
+        let set = |d: &DirtyPages| -> Vec<(usize, usize)> {
+            let mut v = Vec::new();
+            for (r, words) in d.iter().enumerate() {
+                for (i, w) in words.iter().enumerate() {
+                    for b in 0..64 {
+                        if w & (1 << b) != 0 {
+                            v.push((r, i * 64 + b));
+                        }
+                    }
+                }
+            }
+            v
+        };
+        // Everything the loader wrote before the log started is forgotten.
+        assert_eq!(set(&ram.take_dirty(vm.fd()).unwrap()), vec![]);
+        ram.mmap()
+            .write_slice(&[1u8; 10], GuestAddress(0x3ffc))
+            .unwrap();
+        assert_eq!(set(&ram.take_dirty(vm.fd()).unwrap()), vec![(0, 3), (0, 4)]);
+        assert_eq!(set(&ram.take_dirty(vm.fd()).unwrap()), vec![]);
     }
 }

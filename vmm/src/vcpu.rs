@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemoryMmap;
+use devices::GuestMemoryMmap;
 
 use crate::bus::Bus;
 use crate::events::{StopReason, VmEvent};

@@ -1,8 +1,9 @@
 //! Descriptor chains as devices see them: popped whole, then read from or
 //! written into in order.
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::QueueError;
 

@@ -20,8 +20,8 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, Events};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::{MmioArgs, MmioError, MmioState, MmioTransport, QueueState};
@@ -232,7 +232,8 @@ pub trait VirtioDevice: Send + std::any::Any {
 /// laid out in it, descriptor chains put on the available ring by hand.
 #[cfg(test)]
 pub(crate) mod test_utils {
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use crate::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
 
     pub const MEM_SIZE: usize = 0x10_0000;
     pub const DESC: u64 = 0x1000;

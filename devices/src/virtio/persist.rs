@@ -5,8 +5,8 @@
 //! two for any device type, so adding a device touches only the device's
 //! files and the VMM's one registration, never the transport.
 
+use crate::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{MmioArgs, MmioError, MmioState, MmioTransport};

@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::chain::{next_chain, write_to_chain};
 use super::{

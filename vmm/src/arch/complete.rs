@@ -2,8 +2,9 @@
 //! emulator handed back: reads the instruction at RIP through the guest's
 //! page tables, completes it, and moves RIP past it.
 
+use devices::GuestMemoryMmap;
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::emulate;
 

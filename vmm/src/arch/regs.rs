@@ -1,8 +1,9 @@
 //! Initial vCPU state for the Linux 64-bit boot protocol: long mode with an
 //! identity map of the first 1 GiB, a flat GDT, RSI pointing at `boot_params`.
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::*;
 
@@ -177,7 +178,7 @@ mod tests {
 
     #[test]
     fn page_tables_map_first_gib() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         write_boot_tables(&mem).unwrap();
         let pde: u64 = mem.read_obj(GuestAddress(PDE_START + 511 * 8)).unwrap();
         assert_eq!(pde, (511 << 21) | 0x83);

@@ -4,9 +4,9 @@
 
 use std::sync::{Arc, OnceLock};
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::GuestMemoryMmap;
 
 use crate::arch::{complete, cpuid, regs};
 use crate::bus::{Bus, PortEffect};

@@ -5,9 +5,9 @@
 //! before any vCPU exists, and the irqchip must exist before the PIT and
 //! before vCPUs are created (KVM attaches each vCPU's LAPIC to it).
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout;

@@ -22,9 +22,10 @@ pub mod tap;
 use std::io;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 pub use persist::NetState;
 pub use tap::{Tap, TapError};

@@ -30,9 +30,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::Sender;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::chain::{next_chain, write_to_chain};
 use super::{
