@@ -63,9 +63,11 @@ struct config {
     int regs;
     int smp;
     int sum;
+    int verify;
     u64 dirty_mib;
     enum pattern pattern;
     u32 rewrite;     /* percent of the dirtied pages rewritten per tick */
+    u64 rate;        /* or this many pages per second (rate=), if set */
     int avx;         /* the kernel enabled AVX state (CR4.OSXSAVE, XCR0) */
     u32 n_ram;       /* usable RAM ranges from e820, sorted */
     u64 ram_start[32], ram_end[32];

@@ -120,6 +120,8 @@ static void parse_dirty(const char *p, const char *end) {
             cfg.rewrite = (u32)number(&p, end);
             if (cfg.rewrite > 100)
                 cfg.rewrite = 100;
+        } else if (prefix(&p, end, "rate=")) {
+            cfg.rate = number(&p, end);
         }
         while (p < end && *p != ',')
             p++;
@@ -156,6 +158,8 @@ static void parse_cmdline(const char *s) {
             cfg.smp = 1;
         } else if (word_is(w, s, "sum", &v) && !v) {
             cfg.sum = 1;
+        } else if (word_is(w, s, "verify", &v) && !v) {
+            cfg.verify = 1;
         } else if (word_is(w, s, "dirty", &v) && v) {
             parse_dirty(v, s);
         }

@@ -201,6 +201,7 @@ static struct {
     u32 n;
     u64 pages;
     u64 cursor, gen;
+    u64 count; /* pages rewritten per round: the same in every round */
 } dirty;
 
 static char text_page[4096];
@@ -296,17 +297,69 @@ static void dirty_fill(void) {
     add_str(&l, pattern_names[cfg.pattern]);
     add_str(&l, " rewrite=");
     add_dec(&l, cfg.rewrite);
+    if (cfg.rate) {
+        dirty.count = cfg.rate / cfg.hz;
+        if (!dirty.count)
+            dirty.count = 1;
+        if (dirty.count > dirty.pages)
+            dirty.count = dirty.pages;
+    } else if (cfg.rewrite) {
+        dirty.count = dirty.pages * cfg.rewrite / 100;
+        if (!dirty.count)
+            dirty.count = 1;
+    }
+    add_str(&l, " pages-per-round=");
+    add_dec(&l, dirty.count);
+    emit(&l);
+}
+
+/* The generation page p was last written with: rounds write dirty.count
+   pages each, round-robin from page 0, so after dirty.gen rounds the last
+   of the writes that fell on p tells. 0: only the first fill. */
+static u64 page_gen(u64 p) {
+    u64 writes = dirty.gen * dirty.count;
+    if (writes <= p)
+        return 0;
+    u64 last = p + dirty.pages * ((writes - 1 - p) / dirty.pages);
+    return last / dirty.count + 1;
+}
+
+static u64 scratch[512];
+
+/* Checks that every dirtied page holds what it was last written with;
+   prints "verify ok N" or the first page that does not. */
+static void dirty_verify(void) {
+    struct line l = {.n = 0};
+    u64 bad = 0, first = 0;
+    for (u64 p = 0; p < dirty.pages; p++) {
+        const u64 *pg = page_addr(p);
+        fill_page(scratch, p, page_gen(p));
+        for (int i = 0; i < 512; i++)
+            if (pg[i] != scratch[i]) {
+                if (!bad++)
+                    first = p;
+                break;
+            }
+    }
+    if (!bad) {
+        add_str(&l, "verify ok ");
+        add_dec(&l, dirty.pages);
+    } else {
+        add_str(&l, "verify BAD ");
+        add_dec(&l, bad);
+        add_str(&l, " pages, first ");
+        add_dec(&l, first);
+        add_str(&l, " gen ");
+        add_dec(&l, page_gen(first));
+    }
     emit(&l);
 }
 
 static void dirty_rewrite(void) {
-    if (!dirty.pages || !cfg.rewrite)
+    if (!dirty.pages || !dirty.count)
         return;
-    u64 count = dirty.pages * cfg.rewrite / 100;
-    if (!count)
-        count = 1;
     dirty.gen++;
-    for (u64 k = 0; k < count; k++) {
+    for (u64 k = 0; k < dirty.count; k++) {
         fill_page(page_addr(dirty.cursor), dirty.cursor, dirty.gen);
         if (++dirty.cursor == dirty.pages)
             dirty.cursor = 0;
@@ -388,6 +441,8 @@ void user_bsp(u64 cpu) {
                 emit(&l);
             }
         }
+        if (cfg.verify && dirty.pages)
+            dirty_verify();
         dirty_rewrite();
         if (cfg.sum) {
             l.n = 0;
