@@ -279,6 +279,18 @@ pub fn id_hex(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The id [`id_hex`] spelled, or `None` if `s` is not 32 hex digits.
+pub fn id_from_hex(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +343,12 @@ mod tests {
     #[test]
     fn ids_differ() {
         assert_ne!(new_image_id(), new_image_id());
+        let id = new_image_id();
+        assert_eq!(id_from_hex(&id_hex(&id)), Some(id));
+        assert_eq!(id_from_hex(&id_hex(&id).to_uppercase()), Some(id));
+        for bad in ["", "00", &"0".repeat(33), &format!("{}g", "0".repeat(31))] {
+            assert_eq!(id_from_hex(bad), None, "{bad:?}");
+        }
         assert_eq!(id_hex(&[0xab; 16]).len(), 32);
     }
 }

@@ -5,6 +5,58 @@ pub mod netns;
 pub mod oci;
 pub mod vsock;
 
+/// The test guest (resources/test-guest): where it is, how to run it, and
+/// what it says.
+pub mod test_guest {
+    use std::path::Path;
+
+    /// `target/test-guest.elf`, which `cargo build` builds.
+    pub fn elf() -> String {
+        let p = super::workspace().join("target/test-guest.elf");
+        assert!(
+            p.exists(),
+            "{} is missing: cargo build builds it",
+            p.display()
+        );
+        p.display().to_string()
+    }
+
+    /// `vmm run` of the test guest with `vcpus`, `mem` MiB and `cmdline`.
+    pub fn run_args(vcpus: u32, mem: u32, cmdline: &str) -> Vec<String> {
+        let (vcpus, mem) = (vcpus.to_string(), mem.to_string());
+        [
+            "run",
+            "--kernel",
+            &elf(),
+            "--vcpus",
+            &vcpus,
+            "--mem",
+            &mem,
+            "--cmdline",
+            cmdline,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The test guest with `vcpus`, `mem` MiB and `cmdline`, its API socket
+    /// `api.sock` in `dir`.
+    pub fn run_with_api(dir: &Path, vcpus: u32, mem: u32, cmdline: &str) -> super::Running {
+        let mut args = run_args(vcpus, mem, cmdline);
+        args.extend(["--api-sock".to_string(), "api.sock".to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        super::Running::spawn(&args, dir)
+    }
+
+    /// The numbers of its `tick N` lines.
+    pub fn ticks(out: &str) -> Vec<u64> {
+        out.lines()
+            .filter_map(|l| l.trim().strip_prefix("tick "))
+            .filter_map(|n| n.trim().parse().ok())
+            .collect()
+    }
+}
+
 /// What the benchmarks share: their knobs and how they print.
 pub mod bench {
     /// A numeric knob from the environment.

@@ -4,44 +4,13 @@
 
 use std::time::Duration;
 
-use vmm_tests::{kvm_available, run_vmm, workspace, Outcome};
-
-fn test_guest() -> String {
-    let p = workspace().join("target/test-guest.elf");
-    assert!(
-        p.exists(),
-        "{} is missing: cargo build builds it",
-        p.display()
-    );
-    p.display().to_string()
-}
+use vmm_tests::test_guest::{elf as test_guest, run_args, run_with_api, ticks};
+use vmm_tests::{kvm_available, run_vmm, Outcome};
 
 fn boot(vcpus: u32, mem: u32, cmdline: &str) -> Outcome {
-    let k = test_guest();
-    let vcpus = vcpus.to_string();
-    let mem = mem.to_string();
-    run_vmm(
-        &[
-            "run",
-            "--kernel",
-            &k,
-            "--vcpus",
-            &vcpus,
-            "--mem",
-            &mem,
-            "--cmdline",
-            cmdline,
-        ],
-        b"",
-        Duration::from_secs(120),
-    )
-}
-
-fn ticks(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| l.trim().strip_prefix("tick "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
+    let args = run_args(vcpus, mem, cmdline);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_vmm(&args, b"", Duration::from_secs(120))
 }
 
 #[test]
@@ -192,28 +161,6 @@ fn guest_memory_gets_huge_pages() {
 /// Snapshot mid-run with --stop (the original ends), then restore: every
 /// register check still passes, the memory checksum is unchanged and the
 /// tick counter carries on from where it was, on 1 and 4 vCPUs.
-/// The test guest with `vcpus`, `mem` MiB and `cmdline`, its API socket
-/// `api.sock` in `dir`.
-fn run_with_api(dir: &std::path::Path, vcpus: u32, mem: u32, cmdline: &str) -> vmm_tests::Running {
-    let (k, vcpus, mem) = (test_guest(), vcpus.to_string(), mem.to_string());
-    vmm_tests::Running::spawn(
-        &[
-            "run",
-            "--kernel",
-            &k,
-            "--vcpus",
-            &vcpus,
-            "--mem",
-            &mem,
-            "--cmdline",
-            cmdline,
-            "--api-sock",
-            "api.sock",
-        ],
-        dir,
-    )
-}
-
 #[test]
 fn restore_carries_on_where_it_stopped() {
     if !kvm_available("restore_carries_on_where_it_stopped") {

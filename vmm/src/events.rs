@@ -115,6 +115,16 @@ pub struct SnapshotOptions {
     #[arg(long = "quiesce-timeout", value_name = "MS", default_value_t = DEFAULT_QUIESCE_TIMEOUT_MS)]
     #[serde(default = "default_quiesce_timeout")]
     pub quiesce_timeout_ms: u64,
+    /// Write an increment: only the memory pages written since IMAGE, the
+    /// last image this VM wrote (states and disks are written whole).
+    #[arg(long, value_name = "IMAGE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<PathBuf>,
+    /// The parent's image id (hex), which `vmm snapshot` reads from the
+    /// file; without it the VMM reads it.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
 }
 
 /// The default bound on the agent's quiescing.
@@ -135,6 +145,8 @@ impl Default for SnapshotOptions {
             compress: default_compression(),
             no_disk: false,
             quiesce_timeout_ms: DEFAULT_QUIESCE_TIMEOUT_MS,
+            parent: None,
+            parent_id: None,
         }
     }
 }
@@ -160,6 +172,12 @@ pub struct SnapshotBody {
     pub no_disk: bool,
     #[serde(default = "default_quiesce_timeout")]
     pub quiesce_timeout_ms: u64,
+    /// An increment on this image (absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<PathBuf>,
+    /// The parent's id (hex); read from `parent` when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
 }
 
 impl SnapshotBody {
@@ -171,6 +189,8 @@ impl SnapshotBody {
             compress: options.compress,
             no_disk: options.no_disk,
             quiesce_timeout_ms: options.quiesce_timeout_ms,
+            parent: options.parent,
+            parent_id: options.parent_id,
         }
     }
 
@@ -180,6 +200,8 @@ impl SnapshotBody {
             compress: self.compress,
             no_disk: self.no_disk,
             quiesce_timeout_ms: self.quiesce_timeout_ms,
+            parent: self.parent.clone(),
+            parent_id: self.parent_id.clone(),
         }
     }
 }
@@ -195,6 +217,8 @@ mod tests {
             compress: Compression::Zstd(3),
             no_disk: false,
             quiesce_timeout_ms: 500,
+            parent: Some("/x/base".into()),
+            parent_id: Some("00112233445566778899aabbccddeeff".into()),
         };
         let body = SnapshotBody::new(Some("/x/img".into()), opts.clone());
         let text = serde_json::to_string(&body).unwrap();
@@ -204,6 +228,7 @@ mod tests {
         assert_eq!(back.options(), opts);
         let empty: SnapshotBody = serde_json::from_str("{}").unwrap();
         assert_eq!(empty.compress, Compression::Zstd(1));
+        assert_eq!(empty.parent, None);
         let e = serde_json::from_str::<SnapshotBody>(r#"{"compress":"bogus"}"#).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         assert!(serde_json::from_str::<SnapshotBody>(r#"{"typo":1}"#).is_err());

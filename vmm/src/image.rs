@@ -35,7 +35,7 @@ use crate::device_manager::{scratch_file, DiskFile, DiskView};
 use crate::events::{SnapshotOptions, SnapshotTarget};
 use crate::host::host_cpu;
 use crate::kvm::persist::{VcpuState, VmState};
-use crate::memory::{GuestRam, RamSink};
+use crate::memory::{DirtyPages, GuestRam, RamSink};
 use crate::page_server::LazyMemory;
 use crate::state::{MachineConfig, MachineState};
 use devices::virtio::block::{Backing, Overlay};
@@ -46,6 +46,8 @@ pub mod sections {
     pub const MACHINE: &str = "machine";
     /// vm: KVM's VM-wide state.
     pub const KVM: &str = "kvm";
+    /// vm: an increment's parent ([`super::ParentRef`]).
+    pub const PARENT: &str = "parent";
     /// device: a disk left out of the image, by device id.
     pub const DISK_REF_PREFIX: &str = "disk-ref/";
     /// device: the base and written blocks of a copy-on-write disk, by
@@ -74,6 +76,15 @@ pub enum ImageError {
     Missing(&'static str),
     #[error("the image ends before its memory")]
     NoMemory,
+    #[error("increment {image} needs its parent, image {parent_id} at {path}: {reason}")]
+    Parent {
+        image: String,
+        parent_id: String,
+        path: String,
+        reason: String,
+    },
+    #[error("increment {0} has more than {MAX_CHAIN} images below it")]
+    ChainTooLong(String),
     #[error("the image's memory layout does not match its machine ({0})")]
     Layout(String),
     #[error("the disk {path} no longer matches the image ({reason}); restore from an image taken with the disk")]
@@ -201,6 +212,8 @@ pub struct DiskRef {
 
 /// What a written image holds, for the API's answer.
 pub struct Written {
+    pub id: [u8; 16],
+    /// `id` in hex.
     pub image_id: String,
     pub destination: String,
     pub summary: snapshot::WriteSummary,
@@ -265,8 +278,27 @@ impl Progress {
     }
 }
 
+/// Where an increment's parent was when the increment was written (vm
+/// section `parent`; the header names it by id), so a restore can find it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ParentRef {
+    /// Absolute.
+    pub path: PathBuf,
+}
+
+/// What makes an image an increment.
+pub struct Increment<'a> {
+    pub parent_id: [u8; 16],
+    /// Absolute.
+    pub parent_path: &'a Path,
+    /// The pages written since the parent.
+    pub dirty: &'a DirtyPages,
+}
+
 /// How an image is written, beyond what was asked for.
 pub struct WriteHow<'a> {
+    /// Only the memory pages written since a parent image.
+    pub increment: Option<Increment<'a>>,
     /// How an ephemeral disk's overlay goes in.
     pub overlays: OverlayMode,
     /// The guest agent froze the guest's filesystems first.
@@ -297,7 +329,11 @@ pub fn write(
     if quiesced {
         flags |= flags::QUIESCED;
     }
-    let header = Header::new("x86_64", &vendor, signature, flags);
+    if how.increment.is_some() {
+        flags |= flags::INCREMENTAL;
+    }
+    let mut header = Header::new("x86_64", &vendor, signature, flags);
+    header.parent_id = how.increment.as_ref().map(|i| i.parent_id);
     let opts = EncodeOptions {
         compression: options.compress,
         ..Default::default()
@@ -306,6 +342,12 @@ pub fn write(
         let mut w = ImageWriter::new(out, &header)?;
         w.write_state(Kind::VM, sections::MACHINE, &state.config)?;
         w.write_state(Kind::VM, sections::KVM, &state.vm)?;
+        if let Some(inc) = &how.increment {
+            let parent = ParentRef {
+                path: inc.parent_path.to_path_buf(),
+            };
+            w.write_state(Kind::VM, sections::PARENT, &parent)?;
+        }
         for v in &state.vcpus {
             w.write_state(Kind::VCPU, &sections::vcpu(v.id), v)?;
         }
@@ -369,7 +411,8 @@ pub fn write(
             p.start(memory + disks);
             w.report_progress(p.done.clone());
         }
-        w.write_memory(&regions, None, opts)?;
+        let dirty = how.increment.as_ref().map(|i| i.dirty.as_slice());
+        w.write_memory(&regions, dirty, opts)?;
         for ((id, _, file), len) in files.into_iter().zip(lens) {
             w.write_disk(id, &FileSource { file: &file, len }, opts)?;
         }
@@ -398,15 +441,105 @@ pub fn write(
         }
     };
     Ok(Written {
+        id: header.image_id,
         image_id: id_hex(&header.image_id),
         destination,
         summary,
     })
 }
 
+/// The header of the image file at `path`.
+pub fn read_header(path: &Path) -> Result<Header, ImageError> {
+    let file = File::open(path).map_err(SnapshotError::Read)?;
+    Ok(ImageReader::new(BufReader::new(file))?.header().clone())
+}
+
+/// The most images below an increment: a bound on a cycle of references.
+const MAX_CHAIN: usize = 64;
+
+/// An image read up to its memory.
+type ParentImage = (ImageReader<BufReader<File>>, snapshot::MemoryLayout);
+
+/// Opens the parents of increment `top` (read from `source`, recording
+/// `parent`), base first, each read up to its memory. A parent is looked
+/// for at the path its child recorded, then under the same file name next
+/// to the child (images moved together); it must carry the id its child
+/// names.
+fn open_parents(
+    top: &Header,
+    parent: Option<&ParentRef>,
+    source: &str,
+) -> Result<Vec<ParentImage>, ImageError> {
+    let mut chain: Vec<ParentImage> = Vec::new();
+    let (mut child_id, mut child_path) = (top.image_id, PathBuf::from(source));
+    let (mut want, mut next) = (top.parent_id, parent.cloned());
+    while let Some(parent_id) = want {
+        if chain.len() == MAX_CHAIN {
+            return Err(ImageError::ChainTooLong(id_hex(&top.image_id)));
+        }
+        let recorded = next.take().map(|r| r.path);
+        let err = |path: &Path, reason: String| ImageError::Parent {
+            image: id_hex(&child_id),
+            parent_id: id_hex(&parent_id),
+            path: path.display().to_string(),
+            reason,
+        };
+        let Some(recorded) = recorded else {
+            return Err(err(
+                Path::new("?"),
+                "the increment does not say where its parent is".into(),
+            ));
+        };
+        let beside = child_path
+            .parent()
+            .zip(recorded.file_name())
+            .map(|(dir, name)| dir.join(name));
+        let (file, path) = match File::open(&recorded) {
+            Ok(f) => (f, recorded.clone()),
+            Err(e) => match beside.as_ref().and_then(|p| Some((File::open(p).ok()?, p))) {
+                Some((f, p)) => (f, p.clone()),
+                None => return Err(err(&recorded, e.to_string())),
+            },
+        };
+        let reader = ImageReader::new(BufReader::with_capacity(1 << 20, file));
+        let mut reader = reader.map_err(|e| err(&path, e.to_string()))?;
+        let found = reader.header().image_id;
+        if found != parent_id {
+            return Err(err(&path, format!("that file is image {}", id_hex(&found))));
+        }
+        let mut grandparent = None;
+        let layout = loop {
+            match reader
+                .next_section()
+                .map_err(|e| err(&path, e.to_string()))?
+            {
+                Section::State {
+                    kind: Kind::VM,
+                    name,
+                    payload,
+                } if name == sections::PARENT => {
+                    grandparent = Some(decode_state("vm 'parent'", &payload)?);
+                }
+                Section::Memory(layout) => break layout,
+                Section::End => return Err(err(&path, "it holds no memory".into())),
+                _ => {}
+            }
+        };
+        want = reader.header().parent_id;
+        (child_id, child_path, next) = (parent_id, path, grandparent);
+        chain.push((reader, layout));
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
 /// An image being read: its states are in, its memory and disks follow.
 pub struct ImageIn {
     reader: ImageReader<BufReader<Box<dyn Read>>>,
+    /// The path it is read from, or "-".
+    source: String,
+    /// An increment's parent.
+    parent: Option<ParentRef>,
     state: MachineState,
     disk_refs: Vec<(String, DiskRef)>,
     overlay_refs: HashMap<String, OverlayRef>,
@@ -415,8 +548,9 @@ pub struct ImageIn {
 }
 
 impl ImageIn {
-    /// Reads the header and every state section.
-    pub fn open(from: Box<dyn Read>) -> Result<Self, ImageError> {
+    /// Reads the header and every state section of the image `from`,
+    /// read from `source` (a path, or "-").
+    pub fn open(from: Box<dyn Read>, source: &str) -> Result<Self, ImageError> {
         let mut reader = ImageReader::new(BufReader::with_capacity(1 << 20, from))?;
         let mut config: Option<MachineConfig> = None;
         let mut vm: Option<VmState> = None;
@@ -424,6 +558,7 @@ impl ImageIn {
         let mut devices: Vec<SavedDevice> = Vec::new();
         let mut disk_refs: Vec<(String, DiskRef)> = Vec::new();
         let mut overlay_refs: HashMap<String, OverlayRef> = HashMap::new();
+        let mut parent: Option<ParentRef> = None;
         let next = loop {
             match reader.next_section()? {
                 Section::State {
@@ -436,6 +571,9 @@ impl ImageIn {
                     }
                     Kind::VM if name == sections::KVM => {
                         vm = Some(decode_state("vm 'kvm'", &payload)?)
+                    }
+                    Kind::VM if name == sections::PARENT => {
+                        parent = Some(decode_state("vm 'parent'", &payload)?)
                     }
                     Kind::VCPU => vcpus.push(decode_state(&format!("vcpu '{name}'"), &payload)?),
                     Kind::DEVICE => {
@@ -472,6 +610,8 @@ impl ImageIn {
         }
         Ok(ImageIn {
             reader,
+            source: source.to_string(),
+            parent,
             state: MachineState {
                 config,
                 vm: vm.ok_or(ImageError::Missing(sections::KVM))?,
@@ -510,6 +650,8 @@ impl ImageIn {
     ) -> Result<Contents, ImageError> {
         let ImageIn {
             mut reader,
+            source,
+            parent,
             state,
             disk_refs,
             mut overlay_refs,
@@ -549,6 +691,28 @@ impl ImageIn {
                     plan.end,
                 );
                 reader.next_section()?
+            }
+            None if reader.header().is_incremental() => {
+                let parents = open_parents(reader.header(), parent.as_ref(), &source)?;
+                let mut headers: Vec<&Header> = parents.iter().map(|(r, _)| r.header()).collect();
+                headers.push(reader.header());
+                snapshot::check_chain(&headers)?;
+                for (i, (mut r, l)) in parents.into_iter().enumerate() {
+                    if l.regions != layout.regions {
+                        return Err(ImageError::Layout(format!(
+                            "parent {} has regions {:x?}, its increment {:x?}",
+                            id_hex(&r.header().image_id),
+                            l.regions,
+                            layout.regions
+                        )));
+                    }
+                    let opts = ApplyOptions {
+                        dest_is_zeroed: i == 0,
+                        ..fresh
+                    };
+                    r.read_memory_with(&RamSink(ram), opts)?;
+                }
+                reader.read_memory_with(&RamSink(ram), fresh)?.1
             }
             None => reader.read_memory_with(&RamSink(ram), fresh)?.1,
         };

@@ -31,7 +31,7 @@ use crate::image::{ImageError, ImageIn};
 use crate::kvm::persist::{self, PersistError};
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::kvm::vm::{Vm, VmError};
-use crate::memory::GuestRam;
+use crate::memory::{merge_dirty, DirtyPages, GuestRam};
 use crate::page_server::{PageServer, PageServerError};
 use crate::sandbox::{Allow, Sandbox, SandboxError};
 use crate::state::{MachineConfig, MachineState};
@@ -93,6 +93,33 @@ pub enum MachineError {
     Host(#[from] HostError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error("{}", not_parent_message(.parent, .last))]
+    NotParent {
+        parent: String,
+        last: Option<String>,
+    },
+    #[error("cannot track the pages the VM writes")]
+    DirtyLog(#[source] crate::memory::MemoryError),
+}
+
+fn not_parent_message(parent: &str, last: &Option<String>) -> String {
+    match last {
+        Some(last) => format!(
+            "image {parent} is not the last image this VM wrote ({last}): an increment goes on top of the VM's last image"
+        ),
+        None => format!(
+            "this VM has written no image since it started (or since it lost track of its writes), so it cannot vouch for image {parent}: take a full snapshot first"
+        ),
+    }
+}
+
+/// The image a machine's memory last went into, and what the guest and
+/// the devices have written since: what an increment on it must hold.
+struct Lineage {
+    image_id: [u8; 16],
+    /// Pages already taken from the log for an increment that was then
+    /// not written: they are still dirty with respect to `image_id`.
+    carried: Option<DirtyPages>,
 }
 
 /// From here on, only what `sandbox` allows, and the machine's own vsock
@@ -141,6 +168,8 @@ pub struct Machine {
     agent: AgentChannel,
     /// The id of the image this machine was restored from.
     restored_image: Option<String>,
+    /// Set once an image of this machine is written ([`Machine::image_written`]).
+    lineage: Option<Lineage>,
 }
 
 impl Machine {
@@ -236,7 +265,7 @@ impl Machine {
         events: Sender<VmEvent>,
         timeline: Arc<Timeline>,
     ) -> Result<Self, MachineError> {
-        let image = ImageIn::open(from)?;
+        let image = ImageIn::open(from, source)?;
         let image_id = snapshot::format::id_hex(&image.header().image_id);
         let vm = Vm::new(image.state().config.mem_mib)?;
         let supported = vm
@@ -368,6 +397,7 @@ impl Machine {
             timeline,
             fresh_restore: lifecycle == Lifecycle::Paused,
             restored_image: None,
+            lineage: None,
             lifecycle,
             agent,
         })
@@ -498,6 +528,57 @@ impl Machine {
             vcpus,
             devices: self.devices.save(),
         })
+    }
+
+    /// Records that an image of this machine, as it is now (not running),
+    /// was written: the next increment goes on top of it. Starts (or
+    /// restarts) the log of the pages the guest and the devices write.
+    /// Without a log the machine vouches for no image.
+    pub fn image_written(&mut self, image_id: [u8; 16]) -> Result<(), MachineError> {
+        if self.lifecycle == Lifecycle::Running {
+            return Err(self.refuse("track"));
+        }
+        self.lineage = None;
+        self.vm
+            .ram()
+            .start_dirty_log(self.vm.fd())
+            .map_err(MachineError::DirtyLog)?;
+        self.lineage = Some(Lineage {
+            image_id,
+            carried: None,
+        });
+        Ok(())
+    }
+
+    /// The pages written since image `parent`, which must be the last one
+    /// [`Machine::image_written`] recorded. Kept until the next image is
+    /// recorded, so an increment that fails to be written loses nothing.
+    pub fn dirty_since(&mut self, parent: &[u8; 16]) -> Result<DirtyPages, MachineError> {
+        if self.lifecycle == Lifecycle::Running {
+            return Err(self.refuse("read the dirty pages of"));
+        }
+        let last = self.lineage.as_ref().map(|l| l.image_id);
+        if last.as_ref() != Some(parent) {
+            return Err(MachineError::NotParent {
+                parent: snapshot::format::id_hex(parent),
+                last: last.map(|l| snapshot::format::id_hex(&l)),
+            });
+        }
+        let mut dirty = match self.vm.ram().take_dirty(self.vm.fd()) {
+            Ok(d) => d,
+            Err(e) => {
+                // Part of the log may be gone with the error.
+                self.lineage = None;
+                return Err(MachineError::DirtyLog(e));
+            }
+        };
+        if let Some(lineage) = self.lineage.as_mut() {
+            if let Some(carried) = &lineage.carried {
+                merge_dirty(&mut dirty, carried);
+            }
+            lineage.carried = Some(dirty.clone());
+        }
+        Ok(dirty)
     }
 
     /// Ends every vCPU thread and the device thread; the machine cannot

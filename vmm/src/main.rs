@@ -428,6 +428,10 @@ fn stream_snapshot(
     if code != 200 {
         anyhow::bail!("snapshot failed: HTTP {code}");
     }
+    // The VMM's reason, when it failed and said why.
+    if let Some(e) = answer.as_ref().and_then(|a| a.get("error")) {
+        anyhow::bail!("snapshot failed: {}", e.as_str().unwrap_or("?"))
+    }
     // A whole image ends with the index footer; a failed snapshot
     // closes the stream early.
     let footer = <[u8; snapshot::format::FOOTER_LEN]>::try_from(tail.last.as_slice());
@@ -440,9 +444,6 @@ fn stream_snapshot(
     // The VMM's account of it (its trailer); the bytes we wrote, if it
     // has none.
     let mut answer = match answer {
-        Some(a) if a.get("error").is_some() => {
-            anyhow::bail!("snapshot failed: {}", a["error"].as_str().unwrap_or("?"))
-        }
         Some(a) if a.is_object() => a,
         _ => serde_json::json!({ "bytes": tail.bytes }),
     };
@@ -491,8 +492,15 @@ fn snapshot_result(json: bool, answer: &serde_json::Value) -> String {
     }
 }
 
-fn snapshot_cmd(args: SnapshotArgs) -> anyhow::Result<i32> {
+fn snapshot_cmd(mut args: SnapshotArgs) -> anyhow::Result<i32> {
     let sock = args.target.socket()?;
+    if let Some(parent) = args.options.parent.take() {
+        let abs = std::path::absolute(&parent)?;
+        let header = vmm::image::read_header(&abs)
+            .with_context(|| format!("--parent {}", parent.display()))?;
+        args.options.parent_id = Some(snapshot::format::id_hex(&header.image_id));
+        args.options.parent = Some(abs);
+    }
     if args.out == "-" {
         if vmm::terminal::stdout_was_closed() {
             anyhow::bail!("--out -: stdout is closed; redirect it to where the image should go");
@@ -558,7 +566,7 @@ fn snapshot_line(a: &serde_json::Value) -> String {
     let num = |k: &str| a[k].as_f64().unwrap_or(0.0);
     let bytes = num("bytes") as u64;
     let memory = num("memory_pages") * 4096.0;
-    let ratio = if bytes > 0 {
+    let ratio = if bytes > 0 && memory > 0.0 {
         format!(
             " for {} of memory ({:.0}x smaller)",
             mib(memory as u64),
@@ -567,9 +575,12 @@ fn snapshot_line(a: &serde_json::Value) -> String {
     } else {
         String::new()
     };
+    let kind = match a["parent_id"].as_str() {
+        Some(p) => format!("increment {} on {p}", a["image_id"].as_str().unwrap_or("?")),
+        None => format!("snapshot {}", a["image_id"].as_str().unwrap_or("?")),
+    };
     format!(
-        "snapshot {} written to {}: {}{ratio}; VM paused {:.0} ms, {:.0} ms in all",
-        a["image_id"].as_str().unwrap_or("?"),
+        "{kind} written to {}: {}{ratio}; VM paused {:.0} ms, {:.0} ms in all",
         a["destination"].as_str().unwrap_or("?"),
         mib(bytes),
         num("total_ms"),

@@ -51,6 +51,8 @@ enum SnapshotError {
     Machine(#[from] MachineError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error("--parent {path}: {reason}")]
+    Parent { path: String, reason: String },
 }
 
 /// How a VM that ran to its end finished.
@@ -406,6 +408,7 @@ fn save_warm(
         let state = machine.save_state()?;
         let disks = machine.disks()?;
         let how = image::WriteHow {
+            increment: None,
             overlays: OverlayMode::Reference,
             quiesced: false,
             progress: None,
@@ -473,7 +476,11 @@ fn denied(e: &(dyn std::error::Error + 'static)) -> bool {
 
 fn snapshot_failure(e: SnapshotError) -> ApiFailure {
     match e {
+        SnapshotError::Machine(e @ MachineError::NotParent { .. }) => {
+            ApiFailure::Conflict(e.to_string())
+        }
         SnapshotError::Machine(e) => failure(e),
+        e @ SnapshotError::Parent { .. } => ApiFailure::BadRequest(e.to_string()),
         e => ApiFailure::Failed(e.to_string()),
     }
 }
@@ -646,18 +653,58 @@ fn thaw(agent: &AgentChannel, frozen: bool) {
     }
 }
 
-/// Saves a paused machine's state and writes its image.
+/// The parent `options` names for an increment: its id (given, or read
+/// from the file) and its absolute path.
+fn parent_of(options: &SnapshotOptions) -> Result<Option<([u8; 16], PathBuf)>, SnapshotError> {
+    let Some(path) = &options.parent else {
+        return Ok(None);
+    };
+    let bad = |reason: String| SnapshotError::Parent {
+        path: path.display().to_string(),
+        reason,
+    };
+    if !path.is_absolute() {
+        return Err(bad("the VMM needs an absolute path".into()));
+    }
+    let id = match &options.parent_id {
+        Some(hex) => snapshot::format::id_from_hex(hex)
+            .ok_or_else(|| bad(format!("{hex:?} is not an image id")))?,
+        None => {
+            image::read_header(path)
+                .map_err(|e| bad(crate::error_chain(&e)))?
+                .image_id
+        }
+    };
+    Ok(Some((id, path.clone())))
+}
+
+/// Saves a paused machine's state and writes its image: whole, or with
+/// `options.parent` the pages written since that image. The machine then
+/// tracks its writes from this image on.
 fn snapshot(
-    machine: &Machine,
+    machine: &mut Machine,
     output: ImageOutput,
     options: &SnapshotOptions,
     quiesced: bool,
     progress: &image::Progress,
 ) -> Result<serde_json::Value, SnapshotError> {
     let t0 = Instant::now();
+    let parent = parent_of(options)?;
     let state = machine.save_state()?;
+    let dirty = match &parent {
+        Some((id, _)) => Some(machine.dirty_since(id)?),
+        None => None,
+    };
     let capture_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let how = image::WriteHow {
+        increment: parent
+            .as_ref()
+            .zip(dirty.as_ref())
+            .map(|((parent_id, path), dirty)| image::Increment {
+                parent_id: *parent_id,
+                parent_path: path,
+                dirty,
+            }),
         overlays: OverlayMode::Merged,
         quiesced,
         progress: Some(progress),
@@ -670,6 +717,12 @@ fn snapshot(
         &how,
         output,
     )?;
+    if let Err(e) = machine.image_written(written.id) {
+        log::warn!(
+            "{}: the next snapshot of this VM cannot be an increment",
+            crate::error_chain(&e)
+        );
+    }
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     log::info!(
         "snapshot {} written to {}: {} bytes in {ms:.0} ms",
@@ -679,6 +732,7 @@ fn snapshot(
     );
     Ok(serde_json::json!({
         "image_id": written.image_id,
+        "parent_id": parent.map(|(id, _)| snapshot::format::id_hex(&id)),
         "destination": written.destination,
         "bytes": written.summary.bytes,
         "memory_pages": written.summary.memory.pages,

@@ -1,0 +1,247 @@
+//! Incremental snapshots: a full image and increments on it, each holding
+//! the pages the VM wrote since the one before, restore to exactly the
+//! memory of the last one. The test guest checks its own memory on every
+//! tick (`verify`: each page must hold what it last wrote there), so a page
+//! an increment missed shows up as `verify BAD` in the restored guest.
+
+use std::path::Path;
+use std::time::Duration;
+
+use vmm_tests::kvm_available;
+use vmm_tests::test_guest::{run_with_api, ticks};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `vmm snapshot --json` of the VM in `dir` into `out`, with `extra` flags;
+/// its answer, or the error it printed.
+fn snapshot(dir: &Path, out: &str, extra: &[&str]) -> Result<serde_json::Value, String> {
+    let mut args = vec!["snapshot", "--api-sock", "api.sock", "--out", out, "--json"];
+    args.extend_from_slice(extra);
+    let o = vmm_tests::vmm_in(dir, &args);
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    serde_json::from_slice(&o.stdout).map_err(|e| format!("{e}: {:?}", o.stdout))
+}
+
+/// `vmm restore --from image` in `dir`, expected to fail at once.
+fn refused_restore(dir: &Path, image: &str) -> vmm_tests::Outcome {
+    let o = vmm_tests::Running::spawn(&["restore", "--from", image], dir).finish(WAIT);
+    assert!(
+        !o.timed_out && o.status == Some(1),
+        "restore from {image} ran:\n{}\n{}",
+        o.stdout,
+        o.stderr
+    );
+    o
+}
+
+fn verified(out: &str) -> usize {
+    out.matches("verify ok").count()
+}
+
+#[test]
+fn a_chain_of_increments_restores_to_the_last_ones_memory() {
+    if !kvm_available("a_chain_of_increments_restores_to_the_last_ones_memory") {
+        return;
+    }
+    for n in [1u32, 4] {
+        let s = vmm_tests::Scratch::new(&format!("inc-chain-{n}"));
+        let smp = if n > 1 { " smp" } else { "" };
+        // 64 MiB of the mix, 100 pages rewritten per tick (2,000 a second).
+        let cmdline = format!("ticks=20 regs{smp} dirty=64,pattern=mix,rate=2000 verify");
+        let mut vm = run_with_api(&s.0, n, 256, &cmdline);
+        let said = |vm: &vmm_tests::Running| format!("{}\n{}", vm.output(), vm.stderr());
+        assert!(vm.wait_for(WAIT, |o| verified(o) >= 2), "{}", said(&vm));
+
+        let full = snapshot(&s.0, "full.img", &[]).unwrap();
+        assert!(full["parent_id"].is_null(), "{full}");
+        let mut ids = vec![full["image_id"].as_str().unwrap().to_string()];
+        let mut parent = "full.img".to_string();
+        for k in 1..=3 {
+            // A few rounds of rewrites between images.
+            let seen = verified(&vm.output());
+            assert!(
+                vm.wait_for(WAIT, |o| verified(o) >= seen + 3),
+                "{}",
+                said(&vm)
+            );
+            if k == 3 {
+                // Only the VM's last image can be a parent: the VM cannot
+                // vouch for what changed since an older one.
+                let e = snapshot(&s.0, "wrong.img", &["--parent", "full.img"]).unwrap_err();
+                assert!(
+                    e.contains(&format!(
+                        "image {} is not the last image this VM wrote",
+                        ids[0]
+                    )) && e.lines().count() == 1,
+                    "{e}"
+                );
+                assert!(!s.0.join("wrong.img").exists());
+            }
+            let out = format!("inc{k}.img");
+            let mut extra = vec!["--parent", &parent];
+            if k == 3 {
+                extra.push("--stop");
+            }
+            let inc = snapshot(&s.0, &out, &extra).unwrap();
+            assert_eq!(inc["parent_id"], ids[k - 1].as_str(), "{inc}");
+            // About 100 pages a round, a few rounds: far less than the full
+            // image's 16,384 pages of the fill (and their zeros).
+            let pages = inc["memory_pages"].as_u64().unwrap();
+            assert!((100..8192).contains(&pages), "increment {k}: {inc}");
+            assert!(
+                inc["bytes"].as_u64().unwrap() * 3 < full["bytes"].as_u64().unwrap(),
+                "increment {k} is not small: {inc} against {full}"
+            );
+            ids.push(inc["image_id"].as_str().unwrap().to_string());
+            parent = out;
+        }
+        let before = vm.finish(WAIT);
+        assert_eq!(
+            before.status,
+            Some(0),
+            "--stop ends the VM: {}",
+            before.stderr
+        );
+        let before = before.out();
+        assert!(!before.contains("BAD"), "{before}");
+        let last = *ticks(&before).last().unwrap();
+
+        let report = vmm_tests::vmm_in(&s.0, &["inspect", "inc3.img"]);
+        let report = String::from_utf8_lossy(&report.stdout).into_owned();
+        assert!(
+            report.contains(&format!("incremental, parent {}", ids[2])),
+            "{report}"
+        );
+
+        let mut r = vmm_tests::Running::spawn(&["restore", "--from", "inc3.img"], &s.0);
+        let ok = r.wait_for(WAIT, |o| verified(o) >= 3 || o.contains("BAD"));
+        let after = r.kill();
+        let out = after.out();
+        assert!(
+            ok,
+            "{n} vCPUs: the chain's guest does not run:\n{out}\n{}",
+            after.stderr
+        );
+        assert!(
+            !out.contains("BAD"),
+            "{n} vCPUs: memory is not the last image's:\n{out}"
+        );
+        assert!(!out.contains("ready"), "the guest started over:\n{out}");
+        assert!(
+            after
+                .stderr
+                .contains(&format!("restored {} from inc3.img", ids[3])),
+            "{}",
+            after.stderr
+        );
+        let t = ticks(&out);
+        assert_eq!(
+            t.first(),
+            Some(&(last + 1)),
+            "ticks go on: {t:?} after {last}"
+        );
+        if n > 1 {
+            for cpu in 0..n {
+                assert!(
+                    out.contains(&format!("cpu {cpu} regs ok")),
+                    "cpu {cpu}:\n{out}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_missing_or_wrong_parent_is_refused() {
+    if !kvm_available("a_missing_or_wrong_parent_is_refused") {
+        return;
+    }
+    let s = vmm_tests::Scratch::new("inc-parents");
+    let mut vm = run_with_api(
+        &s.0,
+        1,
+        128,
+        "ticks=20 dirty=16,pattern=mix,rate=2000 verify",
+    );
+    assert!(vm.wait_for(WAIT, |o| verified(o) >= 2), "{}", vm.output());
+
+    // Nothing to build on yet, and not an image at all.
+    std::fs::write(
+        s.0.join("notes.txt"),
+        "these are notes, not an image of a VM",
+    )
+    .unwrap();
+    let e = snapshot(&s.0, "inc.img", &["--parent", "notes.txt"]).unwrap_err();
+    assert!(
+        e.contains("--parent notes.txt") && e.contains("not a vmm snapshot image"),
+        "{e}"
+    );
+    let e = snapshot(&s.0, "inc.img", &["--parent", "nowhere.img"]).unwrap_err();
+    assert!(
+        e.contains("--parent nowhere.img") && e.contains("No such file"),
+        "{e}"
+    );
+    let other = snapshot(&s.0, "a.img", &[]).unwrap();
+    std::fs::rename(s.0.join("a.img"), s.0.join("elsewhere.img")).unwrap();
+    let base = snapshot(&s.0, "base.img", &[]).unwrap();
+    let e = snapshot(&s.0, "inc.img", &["--parent", "elsewhere.img"]).unwrap_err();
+    assert!(
+        e.contains(&format!(
+            "image {} is not the last image",
+            other["image_id"].as_str().unwrap()
+        )),
+        "{e}"
+    );
+    assert!(!s.0.join("inc.img").exists());
+    let seen = verified(&vm.output());
+    assert!(
+        vm.wait_for(WAIT, |o| verified(o) >= seen + 2),
+        "{}",
+        vm.output()
+    );
+    let inc = snapshot(&s.0, "inc.img", &["--parent", "base.img", "--stop"]).unwrap();
+    assert_eq!(inc["parent_id"], base["image_id"], "{inc}");
+    assert_eq!(vm.finish(WAIT).status, Some(0));
+
+    // Restore looks for the parent where it was, then next to the
+    // increment: images moved together still restore.
+    let moved = s.0.join("moved");
+    std::fs::create_dir(&moved).unwrap();
+    for f in ["base.img", "inc.img"] {
+        std::fs::rename(s.0.join(f), moved.join(f)).unwrap();
+    }
+    let mut r = vmm_tests::Running::spawn(&["restore", "--from", "moved/inc.img"], &s.0);
+    let ok = r.wait_for(WAIT, |o| verified(o) >= 2 || o.contains("BAD"));
+    let out = r.kill();
+    assert!(
+        ok && !out.out().contains("BAD"),
+        "{}\n{}",
+        out.out(),
+        out.stderr
+    );
+
+    // A parent that is gone, or another image in its place: one line, no VM.
+    std::fs::rename(moved.join("base.img"), s.0.join("gone.img")).unwrap();
+    let o = refused_restore(&s.0, "moved/inc.img");
+    let err = o.stderr;
+    assert!(
+        err.contains(&format!(
+            "needs its parent, image {}",
+            base["image_id"].as_str().unwrap()
+        )) && err.contains("No such file")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    std::fs::rename(s.0.join("elsewhere.img"), moved.join("base.img")).unwrap();
+    let o = refused_restore(&s.0, "moved/inc.img");
+    let err = o.stderr;
+    assert!(
+        err.contains(&format!(
+            "that file is image {}",
+            other["image_id"].as_str().unwrap()
+        )) && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}
