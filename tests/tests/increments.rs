@@ -114,6 +114,17 @@ fn a_chain_of_increments_restores_to_the_last_ones_memory() {
             report.contains(&format!("incremental, parent {}", ids[2])),
             "{report}"
         );
+        // The chain, base first, as a restore finds it.
+        let chain: Vec<&str> = report
+            .lines()
+            .skip_while(|l| !l.starts_with("chain "))
+            .map(|l| l[13..].split(' ').next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            chain,
+            ids.iter().map(String::as_str).collect::<Vec<_>>(),
+            "{report}"
+        );
 
         let mut r = vmm_tests::Running::spawn(&["restore", "--from", "inc3.img"], &s.0);
         let ok = r.wait_for(WAIT, |o| verified(o) >= 3 || o.contains("BAD"));
@@ -224,6 +235,13 @@ fn a_missing_or_wrong_parent_is_refused() {
 
     // A parent that is gone, or another image in its place: one line, no VM.
     std::fs::rename(moved.join("base.img"), s.0.join("gone.img")).unwrap();
+    let inspect = vmm_tests::vmm_in(&s.0, &["inspect", "moved/inc.img"]);
+    let report = String::from_utf8_lossy(&inspect.stdout).into_owned();
+    assert_eq!(inspect.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("chain        broken: increment "),
+        "{report}"
+    );
     let o = refused_restore(&s.0, "moved/inc.img");
     let err = o.stderr;
     assert!(

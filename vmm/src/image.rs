@@ -457,8 +457,13 @@ pub fn read_header(path: &Path) -> Result<Header, ImageError> {
 /// The most images below an increment: a bound on a cycle of references.
 const MAX_CHAIN: usize = 64;
 
-/// An image read up to its memory.
-type ParentImage = (ImageReader<BufReader<File>>, snapshot::MemoryLayout);
+/// A parent image, read up to its memory.
+struct ParentImage {
+    reader: ImageReader<BufReader<File>>,
+    layout: snapshot::MemoryLayout,
+    /// Where it was found.
+    path: PathBuf,
+}
 
 /// Opens the parents of increment `top` (read from `source`, recording
 /// `parent`), base first, each read up to its memory. A parent is looked
@@ -526,11 +531,31 @@ fn open_parents(
             }
         };
         want = reader.header().parent_id;
-        (child_id, child_path, next) = (parent_id, path, grandparent);
-        chain.push((reader, layout));
+        (child_id, next) = (parent_id, grandparent);
+        child_path = path.clone();
+        chain.push(ParentImage {
+            reader,
+            layout,
+            path,
+        });
     }
     chain.reverse();
     Ok(chain)
+}
+
+/// The images an increment at `path` builds on, base first, as a restore
+/// would find them: (image id, where it is). Empty for a full image.
+pub fn parents_of(path: &str) -> Result<Vec<(String, PathBuf)>, ImageError> {
+    let file = File::open(path).map_err(SnapshotError::Read)?;
+    let image = ImageIn::open(Box::new(file), path)?;
+    let parents = open_parents(image.header(), image.parent.as_ref(), path)?;
+    let mut headers: Vec<&Header> = parents.iter().map(|p| p.reader.header()).collect();
+    headers.push(image.header());
+    snapshot::check_chain(&headers)?;
+    Ok(parents
+        .iter()
+        .map(|p| (id_hex(&p.reader.header().image_id), p.path.clone()))
+        .collect())
 }
 
 /// An image being read: its states are in, its memory and disks follow.
@@ -694,10 +719,11 @@ impl ImageIn {
             }
             None if reader.header().is_incremental() => {
                 let parents = open_parents(reader.header(), parent.as_ref(), &source)?;
-                let mut headers: Vec<&Header> = parents.iter().map(|(r, _)| r.header()).collect();
+                let mut headers: Vec<&Header> = parents.iter().map(|p| p.reader.header()).collect();
                 headers.push(reader.header());
                 snapshot::check_chain(&headers)?;
-                for (i, (mut r, l)) in parents.into_iter().enumerate() {
+                for (i, p) in parents.into_iter().enumerate() {
+                    let (mut r, l) = (p.reader, p.layout);
                     if l.regions != layout.regions {
                         return Err(ImageError::Layout(format!(
                             "parent {} has regions {:x?}, its increment {:x?}",

@@ -686,14 +686,40 @@ fn inspect_cmd(args: InspectArgs) -> anyhow::Result<i32> {
     let input = open_image(args.image.as_str())?;
     let report = snapshot::inspect::inspect(std::io::BufReader::new(input), args.verify)
         .with_context(|| format!("{} is not a good image", args.image))?;
+    // An increment's parents, as a restore would find them.
+    let chain = (report.incremental && args.image != "-")
+        .then(|| vmm::image::parents_of(&args.image).map_err(|e| vmm::error_chain(&e)));
     let text = if args.json {
-        serde_json::to_string_pretty(&report)? + "\n"
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(chain) = &chain {
+            v["chain"] = match chain {
+                Ok(parents) => parents
+                    .iter()
+                    .map(|(id, path)| serde_json::json!({ "image_id": id, "path": path }))
+                    .collect(),
+                Err(e) => serde_json::json!({ "error": e }),
+            };
+        }
+        serde_json::to_string_pretty(&v)? + "\n"
     } else {
-        report.to_string()
+        let mut text = report.to_string();
+        match &chain {
+            Some(Ok(parents)) => {
+                for (i, (id, path)) in parents.iter().enumerate() {
+                    let label = if i == 0 { "chain" } else { "" };
+                    text += &format!("{label:13}{id} {}\n", path.display());
+                }
+                text += &format!("{:13}{} (this image)\n", "", report.image_id);
+            }
+            Some(Err(e)) => text += &format!("chain        broken: {e}\n"),
+            None => {}
+        }
+        text
     };
     use std::io::Write;
     std::io::stdout().write_all(text.as_bytes())?;
-    Ok(0)
+    // An increment whose chain is broken cannot be restored: say so.
+    Ok(if matches!(chain, Some(Err(_))) { 1 } else { 0 })
 }
 
 fn agent_cmd(args: AgentArgs) -> anyhow::Result<i32> {
