@@ -483,6 +483,9 @@ impl Endpoint {
         };
         let b: SnapshotBody = serde_json::from_slice(body)
             .map_err(|e| (400, format!("bad snapshot request: {e}")))?;
+        if b.parent_id.is_some() && b.parent.is_none() {
+            return Err((400, "\"parent_id\" goes with \"parent\"".into()));
+        }
         match (&b.path, b.stream) {
             (Some(_), false) | (None, true) => Ok(b),
             _ => Err((400, "give either \"path\" or \"stream\": true".into())),
@@ -803,6 +806,17 @@ mod tests {
         let mut out = String::new();
         c.read_to_string(&mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn an_increments_parent_id_needs_its_path() {
+        let put = |body: &str| Endpoint::parse("PUT", "/vm/snapshot", body.as_bytes(), false);
+        let e = put(r#"{"stream":true,"parent_id":"00112233445566778899aabbccddeeff"}"#)
+            .err()
+            .unwrap();
+        assert_eq!(e.0, 400, "{}", e.1);
+        assert!(e.1.contains("parent"), "{}", e.1);
+        assert!(put(r#"{"stream":true,"parent":"/x/base.img"}"#).is_ok());
     }
 
     #[test]

@@ -448,6 +448,15 @@ pub fn write(
     })
 }
 
+/// Whether `a` and `b` name the same existing file.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
+}
+
 /// The header of the image file at `path`.
 pub fn read_header(path: &Path) -> Result<Header, ImageError> {
     let file = File::open(path).map_err(SnapshotError::Read)?;
@@ -463,6 +472,21 @@ struct ParentImage {
     layout: snapshot::MemoryLayout,
     /// Where it was found.
     path: PathBuf,
+}
+
+impl ParentImage {
+    /// An increment's memory lies over its parents': the same regions.
+    fn check_layout(&self, child: &snapshot::MemoryLayout) -> Result<(), ImageError> {
+        if self.layout.regions == child.regions {
+            return Ok(());
+        }
+        Err(ImageError::Layout(format!(
+            "parent {} has regions {:x?}, its increment {:x?}",
+            id_hex(&self.reader.header().image_id),
+            self.layout.regions,
+            child.regions
+        )))
+    }
 }
 
 /// Opens the parents of increment `top` (read from `source`, recording
@@ -498,20 +522,36 @@ fn open_parents(
         let beside = child_path
             .parent()
             .zip(recorded.file_name())
-            .map(|(dir, name)| dir.join(name));
-        let (file, path) = match File::open(&recorded) {
-            Ok(f) => (f, recorded.clone()),
-            Err(e) => match beside.as_ref().and_then(|p| Some((File::open(p).ok()?, p))) {
-                Some((f, p)) => (f, p.clone()),
-                None => return Err(err(&recorded, e.to_string())),
-            },
-        };
-        let reader = ImageReader::new(BufReader::with_capacity(1 << 20, file));
-        let mut reader = reader.map_err(|e| err(&path, e.to_string()))?;
-        let found = reader.header().image_id;
-        if found != parent_id {
-            return Err(err(&path, format!("that file is image {}", id_hex(&found))));
+            .map(|(dir, name)| dir.join(name))
+            .filter(|b| *b != recorded);
+        // The recorded path first; next to the child if that is missing
+        // or holds another image.
+        let mut found = None;
+        let mut problems = Vec::new();
+        for path in std::iter::once(&recorded).chain(beside.as_ref()) {
+            let opened = File::open(path).map_err(|e| e.to_string()).and_then(|f| {
+                ImageReader::new(BufReader::with_capacity(1 << 20, f)).map_err(|e| e.to_string())
+            });
+            let problem = match opened {
+                Ok(r) if r.header().image_id == parent_id => {
+                    found = Some((r, path.clone()));
+                    break;
+                }
+                Ok(r) => format!("that file is image {}", id_hex(&r.header().image_id)),
+                Err(e) => e,
+            };
+            problems.push((path, problem));
         }
+        let Some((mut reader, path)) = found else {
+            let mut reason = String::new();
+            for (i, (path, problem)) in problems.iter().enumerate() {
+                match i {
+                    0 => reason += problem,
+                    _ => reason += &format!("; nor at {}: {problem}", path.display()),
+                }
+            }
+            return Err(err(&recorded, reason));
+        };
         let mut grandparent = None;
         let layout = loop {
             match reader
@@ -556,6 +596,121 @@ pub fn parents_of(path: &str) -> Result<Vec<(String, PathBuf)>, ImageError> {
         .iter()
         .map(|p| (id_hex(&p.reader.header().image_id), p.path.clone()))
         .collect())
+}
+
+/// Writes the increment at `source` and the images below it as one full
+/// image at `out`, atomically: the increment's states and disks, and the
+/// chain's memory merged (in this process's memory: only pages with data
+/// take room). Returns what was written.
+pub fn flatten(
+    source: &str,
+    out: &Path,
+    compression: snapshot::Compression,
+) -> Result<Written, ImageError> {
+    let file = File::open(source).map_err(SnapshotError::Read)?;
+    let mut top = ImageReader::new(BufReader::with_capacity(1 << 20, file))?;
+    let mut states = Vec::new();
+    let mut parent: Option<ParentRef> = None;
+    let layout = loop {
+        match top.next_section()? {
+            Section::State {
+                kind: Kind::VM,
+                name,
+                payload,
+            } if name == sections::PARENT => parent = Some(decode_state("vm 'parent'", &payload)?),
+            Section::State {
+                kind,
+                name,
+                payload,
+            } => states.push((kind, name, payload)),
+            Section::Memory(layout) => break layout,
+            Section::Skipped { .. } => {}
+            _ => return Err(ImageError::NoMemory),
+        }
+    };
+    let parents = open_parents(top.header(), parent.as_ref(), source)?;
+    let mut headers: Vec<&Header> = parents.iter().map(|p| p.reader.header()).collect();
+    headers.push(top.header());
+    snapshot::check_chain(&headers)?;
+    let mut memory: Vec<(u64, Vec<u8>)> = layout
+        .regions
+        .iter()
+        .map(|&(addr, len)| (addr, vec![0u8; len as usize]))
+        .collect();
+    let mut into: Vec<(u64, &mut [u8])> = memory
+        .iter_mut()
+        .map(|(a, m)| (*a, m.as_mut_slice()))
+        .collect();
+    let fresh = ApplyOptions {
+        threads: 0,
+        dest_is_zeroed: true,
+    };
+    for p in parents {
+        p.check_layout(&layout)?;
+        let mut r = p.reader;
+        r.read_memory_into(&mut into, fresh)?;
+    }
+    let mut next = top.read_memory_into(&mut into, fresh)?.1;
+    drop(into);
+
+    let h = top.header();
+    let header = Header::new(
+        &h.arch,
+        &h.cpu_vendor,
+        h.cpu_signature,
+        h.flags & !flags::INCREMENTAL,
+    );
+    let (atomic, file) = AtomicFile::create(out)?;
+    let scratch_dir = atomic
+        .destination()
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut sink = BufWriter::with_capacity(1 << 20, file);
+    let mut w = ImageWriter::new(&mut sink, &header)?;
+    for (kind, name, payload) in &states {
+        w.write_section(*kind, name, payload)?;
+    }
+    let opts = EncodeOptions {
+        compression,
+        chunk_pages: layout.chunk_pages,
+        ..Default::default()
+    };
+    let regions: Vec<(u64, &[u8])> = memory.iter().map(|(a, m)| (*a, m.as_slice())).collect();
+    w.write_memory(&regions, None, opts)?;
+    loop {
+        match next {
+            Section::Disk(info) => {
+                let err = |source| ImageError::CreateDisk {
+                    path: scratch_dir.display().to_string(),
+                    source,
+                };
+                let disk = scratch_file(&scratch_dir).map_err(err)?;
+                next = top.read_disk_into(&disk, fresh)?.1;
+                let len = disk.metadata().map_err(err)?.len();
+                w.write_disk(&info.name, &FileSource { file: &disk, len }, opts)?;
+            }
+            Section::Skipped { .. } => next = top.next_section()?,
+            Section::End => break,
+            _ => {
+                return Err(ImageError::Layout(
+                    "a section other than a disk follows the memory".into(),
+                ))
+            }
+        }
+    }
+    let summary = w.finish()?.1;
+    let file = sink
+        .into_inner()
+        .map_err(|e| ImageError::Image(SnapshotError::Write(e.into_error())))?;
+    let destination = atomic.destination().display().to_string();
+    atomic.commit(file)?;
+    Ok(Written {
+        id: header.image_id,
+        image_id: id_hex(&header.image_id),
+        destination,
+        summary,
+    })
 }
 
 /// An image being read: its states are in, its memory and disks follow.
@@ -723,15 +878,8 @@ impl ImageIn {
                 headers.push(reader.header());
                 snapshot::check_chain(&headers)?;
                 for (i, p) in parents.into_iter().enumerate() {
-                    let (mut r, l) = (p.reader, p.layout);
-                    if l.regions != layout.regions {
-                        return Err(ImageError::Layout(format!(
-                            "parent {} has regions {:x?}, its increment {:x?}",
-                            id_hex(&r.header().image_id),
-                            l.regions,
-                            layout.regions
-                        )));
-                    }
+                    p.check_layout(&layout)?;
+                    let mut r = p.reader;
                     let opts = ApplyOptions {
                         dest_is_zeroed: i == 0,
                         ..fresh

@@ -550,6 +550,19 @@ impl Machine {
         Ok(())
     }
 
+    /// Whether image `parent` is the last one [`Machine::image_written`]
+    /// recorded, the only one an increment can go on.
+    pub fn check_parent(&self, parent: &[u8; 16]) -> Result<(), MachineError> {
+        let last = self.lineage.as_ref().map(|l| l.image_id);
+        if last.as_ref() == Some(parent) {
+            return Ok(());
+        }
+        Err(MachineError::NotParent {
+            parent: snapshot::format::id_hex(parent),
+            last: last.map(|l| snapshot::format::id_hex(&l)),
+        })
+    }
+
     /// The pages written since image `parent`, which must be the last one
     /// [`Machine::image_written`] recorded. Kept until the next image is
     /// recorded, so an increment that fails to be written loses nothing.
@@ -557,13 +570,7 @@ impl Machine {
         if self.lifecycle == Lifecycle::Running {
             return Err(self.refuse("read the dirty pages of"));
         }
-        let last = self.lineage.as_ref().map(|l| l.image_id);
-        if last.as_ref() != Some(parent) {
-            return Err(MachineError::NotParent {
-                parent: snapshot::format::id_hex(parent),
-                last: last.map(|l| snapshot::format::id_hex(&l)),
-            });
-        }
+        self.check_parent(parent)?;
         let mut dirty = match self.vm.ram().take_dirty(self.vm.fd()) {
             Ok(d) => d,
             Err(e) => {

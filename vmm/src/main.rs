@@ -46,6 +46,12 @@ enum Command {
     /// Show what an image holds; --verify checks all of it.
     #[command(after_help = "Example:\n  vmm inspect --verify web.img")]
     Inspect(InspectArgs),
+    /// Work on image files: `flatten` merges an increment and its parents.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  vmm image flatten inc3.img --out full.img"
+    )]
+    Image(ImageCommand),
     /// Talk to the guest agent of a running VM.
     #[command(after_help = "Example:\n  vmm agent web exec -- ls /")]
     Agent(AgentArgs),
@@ -361,6 +367,45 @@ struct RestoreArgs {
     quiet: bool,
 }
 
+#[derive(clap::Subcommand)]
+enum ImageCommand {
+    /// Write an increment and the images below it as one full image.
+    Flatten {
+        /// The increment (its parents are found as `vmm restore` finds them).
+        image: String,
+        /// The full image to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// none, zstd or zstd:LEVEL (1 to 19).
+        #[arg(long, default_value = "zstd:1")]
+        compress: snapshot::Compression,
+    },
+}
+
+fn image_cmd(command: ImageCommand) -> anyhow::Result<i32> {
+    match command {
+        ImageCommand::Flatten {
+            image,
+            out,
+            compress,
+        } => {
+            let below = vmm::image::parents_of(&image)
+                .with_context(|| format!("cannot flatten {image}"))?
+                .len();
+            let written = vmm::image::flatten(&image, &out, compress)
+                .with_context(|| format!("cannot flatten {image}"))?;
+            let line = format!(
+                "flattened {image} and the {below} image(s) below it into {}: full image {}, {}\n",
+                written.destination,
+                written.image_id,
+                mib(written.summary.bytes)
+            );
+            std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes())?;
+            Ok(0)
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct InspectArgs {
     /// The image file (- for stdin).
@@ -492,13 +537,34 @@ fn snapshot_result(json: bool, answer: &serde_json::Value) -> String {
     }
 }
 
+/// An increment's parent, checked before the VM is asked: a whole image
+/// (its index and footer are there: a parent cut short would make the
+/// chain unrestorable), and neither it nor an image below it is where the
+/// increment goes. Returns its absolute path and its id.
+fn check_parent(parent: &std::path::Path, out: &str) -> anyhow::Result<(PathBuf, String)> {
+    let abs = std::path::absolute(parent)?;
+    let mut file = std::fs::File::open(&abs)?;
+    let (header, _) = snapshot::open_index(&mut file)?;
+    if out != "-" {
+        let below = vmm::image::parents_of(&abs.to_string_lossy())?;
+        let out = std::path::Path::new(out);
+        let chain = std::iter::once(abs.as_path()).chain(below.iter().map(|(_, p)| p.as_path()));
+        if let Some(p) = chain.into_iter().find(|p| vmm::image::same_file(p, out)) {
+            anyhow::bail!(
+                "the increment would replace {}, which it builds on",
+                p.display()
+            );
+        }
+    }
+    Ok((abs, snapshot::format::id_hex(&header.image_id)))
+}
+
 fn snapshot_cmd(mut args: SnapshotArgs) -> anyhow::Result<i32> {
     let sock = args.target.socket()?;
     if let Some(parent) = args.options.parent.take() {
-        let abs = std::path::absolute(&parent)?;
-        let header = vmm::image::read_header(&abs)
+        let (abs, id) = check_parent(&parent, &args.out)
             .with_context(|| format!("--parent {}", parent.display()))?;
-        args.options.parent_id = Some(snapshot::format::id_hex(&header.image_id));
+        args.options.parent_id = Some(id);
         args.options.parent = Some(abs);
     }
     if args.out == "-" {
@@ -1248,6 +1314,7 @@ fn main() -> ExitCode {
         Command::Snapshot(args) => snapshot_cmd(args),
         Command::Restore(args) => restore_cmd(args, start),
         Command::Inspect(args) => inspect_cmd(args),
+        Command::Image(command) => image_cmd(command),
         Command::Agent(args) => agent_cmd(args),
         Command::Cache(args) => cache_cmd(args),
         Command::Ps { json } => ps_cmd(json),

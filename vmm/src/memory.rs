@@ -13,8 +13,10 @@
 //! [`GuestRam::start_dirty_log`] on) holds what the guest wrote; the
 //! mapping's own bitmaps ([`devices::GuestMemoryMmap`]) hold what the VMM
 //! wrote through it (devices filling buffers, used rings), which KVM never
-//! sees. Writes into memory that bypass both (userfaultfd copies, raw
-//! slices) are restores of an image's own contents, before the log starts.
+//! sees. Writes that bypass both are restores of an image's own contents:
+//! raw slices before the log starts, and a lazy restore's userfaultfd
+//! copies, which may go on after it starts but only put back what the
+//! image (and so every image taken since) already holds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -537,6 +537,11 @@ fn checkpoint(
 ) -> (Result<serde_json::Value, ApiFailure>, bool) {
     let was_running = machine.lifecycle() == Lifecycle::Running;
     let stop = req.options.stop;
+    // A parent that cannot be is refused before the guest is disturbed.
+    let parent = match parent_of(machine, &req) {
+        Ok(p) => p,
+        Err(e) => return (Err(snapshot_failure(e)), false),
+    };
     let output = match ImageOutput::open(req.target) {
         Ok(o) => o,
         Err(e) => {
@@ -566,7 +571,7 @@ fn checkpoint(
             return (Err(failure(e)), false);
         }
     }
-    let mut result = snapshot(machine, output, &req.options, frozen, progress);
+    let mut result = snapshot(machine, output, &req.options, parent, frozen, progress);
     // The VM survives a failed snapshot; after a good one it carries on
     // unless asked to stop, or stays paused if it was.
     let stop_now = stop && result.is_ok();
@@ -653,9 +658,15 @@ fn thaw(agent: &AgentChannel, frozen: bool) {
     }
 }
 
-/// The parent `options` names for an increment: its id (given, or read
-/// from the file) and its absolute path.
-fn parent_of(options: &SnapshotOptions) -> Result<Option<([u8; 16], PathBuf)>, SnapshotError> {
+/// The parent `req` names for an increment: its id (given, or read from
+/// the file) and its absolute path, checked against the machine's last
+/// image and against the destination (an increment must not replace its
+/// own parent).
+fn parent_of(
+    machine: &Machine,
+    req: &SnapshotRequest,
+) -> Result<Option<([u8; 16], PathBuf)>, SnapshotError> {
+    let options = &req.options;
     let Some(path) = &options.parent else {
         return Ok(None);
     };
@@ -675,6 +686,15 @@ fn parent_of(options: &SnapshotOptions) -> Result<Option<([u8; 16], PathBuf)>, S
                 .image_id
         }
     };
+    machine.check_parent(&id)?;
+    if let SnapshotTarget::Path(out) = &req.target {
+        if crate::image::same_file(out, path) {
+            return Err(bad(
+                "it is where the increment would go: an increment must not replace its parent"
+                    .into(),
+            ));
+        }
+    }
     Ok(Some((id, path.clone())))
 }
 
@@ -685,11 +705,11 @@ fn snapshot(
     machine: &mut Machine,
     output: ImageOutput,
     options: &SnapshotOptions,
+    parent: Option<([u8; 16], PathBuf)>,
     quiesced: bool,
     progress: &image::Progress,
 ) -> Result<serde_json::Value, SnapshotError> {
     let t0 = Instant::now();
-    let parent = parent_of(options)?;
     let state = machine.save_state()?;
     let dirty = match &parent {
         Some((id, _)) => Some(machine.dirty_since(id)?),
