@@ -85,14 +85,14 @@ fn main() {
         );
         let (mut inc, mut full) = (Vec::new(), Vec::new());
         let mut last = "full-base.img".to_string();
-        snapshot(&s.0, &last, &[]);
+        snapshot(&s.0, &last, &["--track"]);
         for i in 0..runs {
             std::thread::sleep(Duration::from_secs(1));
             let out = format!("inc-{i}.img");
             inc.push(snapshot(&s.0, &out, &["--parent", &last]));
             std::thread::sleep(Duration::from_secs(1));
             last = format!("full-{i}.img");
-            full.push(snapshot(&s.0, &last, &[]));
+            full.push(snapshot(&s.0, &last, &["--track"]));
         }
         // The chain to restore: a full image and three increments.
         let mut parent = last.clone();

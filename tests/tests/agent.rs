@@ -497,7 +497,7 @@ fn an_increment_holds_what_the_disk_wrote_into_memory() {
         assert!(o.status.success(), "{}", text(&o.stderr));
         text(&o.stdout)
     };
-    snap("inc-full.vmm", &[]);
+    snap("inc-full.vmm", &["--track"]);
     // Read through virtio-blk: the device fills the page cache.
     let (status, sum, err) = sh(&r.sock, &format!("md5sum /root/blob && {cached}"));
     assert_eq!(status, 0, "{err}");

@@ -54,7 +54,7 @@ fn a_chain_of_increments_restores_to_the_last_ones_memory() {
         let said = |vm: &vmm_tests::Running| format!("{}\n{}", vm.output(), vm.stderr());
         assert!(vm.wait_for(WAIT, |o| verified(o) >= 2), "{}", said(&vm));
 
-        let full = snapshot(&s.0, "full.img", &[]).unwrap();
+        let full = snapshot(&s.0, "full.img", &["--track"]).unwrap();
         assert!(full["parent_id"].is_null(), "{full}");
         let mut ids = vec![full["image_id"].as_str().unwrap().to_string()];
         let mut parent = "full.img".to_string();
@@ -71,10 +71,8 @@ fn a_chain_of_increments_restores_to_the_last_ones_memory() {
                 // vouch for what changed since an older one.
                 let e = snapshot(&s.0, "wrong.img", &["--parent", "full.img"]).unwrap_err();
                 assert!(
-                    e.contains(&format!(
-                        "image {} is not the last image this VM wrote",
-                        ids[0]
-                    )) && e.lines().count() == 1,
+                    e.contains(&format!("image {} is not this VM's last image", ids[0]))
+                        && e.lines().count() == 1,
                     "{e}"
                 );
                 assert!(!s.0.join("wrong.img").exists());
@@ -223,11 +221,11 @@ fn a_missing_or_wrong_parent_is_refused() {
     );
     let other = snapshot(&s.0, "a.img", &[]).unwrap();
     std::fs::rename(s.0.join("a.img"), s.0.join("elsewhere.img")).unwrap();
-    let base = snapshot(&s.0, "base.img", &[]).unwrap();
+    let base = snapshot(&s.0, "base.img", &["--track"]).unwrap();
     let e = snapshot(&s.0, "inc.img", &["--parent", "elsewhere.img"]).unwrap_err();
     assert!(
         e.contains(&format!(
-            "image {} is not the last image",
+            "image {} is not this VM's last image",
             other["image_id"].as_str().unwrap()
         )),
         "{e}"
@@ -257,15 +255,19 @@ fn a_missing_or_wrong_parent_is_refused() {
             "moved/inc.img",
             "--api-sock",
             "api.sock",
+            "--track",
         ],
         &s.0,
     );
     let ok = r.wait_for(WAIT, |o| verified(o) >= 2 || o.contains("BAD"));
-    // A restored VM has written no image: it vouches for none, not even
-    // the one it came from. And an increment never replaces its parent.
-    let e = snapshot(&s.0, "x.img", &["--parent", "moved/inc.img"]).unwrap_err();
+    // A VM restored with --track vouches for the image it came from, and
+    // no other; an increment never replaces its parent.
+    let e = snapshot(&s.0, "x.img", &["--parent", "moved/base.img"]).unwrap_err();
     assert!(
-        e.contains("this VM has written no image since it started"),
+        e.contains(&format!(
+            "is not this VM's last image ({}",
+            inc["image_id"].as_str().unwrap()
+        )),
         "{e}"
     );
     for image in ["moved/inc.img", "moved/base.img"] {
@@ -276,6 +278,14 @@ fn a_missing_or_wrong_parent_is_refused() {
         );
     }
     assert!(!s.0.join("x.img").exists());
+    let seen = verified(&r.output());
+    assert!(
+        r.wait_for(WAIT, |o| verified(o) >= seen + 2),
+        "{}",
+        r.output()
+    );
+    let on_restored = snapshot(&s.0, "x.img", &["--parent", "moved/inc.img", "--stop"]).unwrap();
+    assert_eq!(on_restored["parent_id"], inc["image_id"], "{on_restored}");
     let out = r.kill();
     assert!(
         ok && !out.out().contains("BAD"),
@@ -283,6 +293,34 @@ fn a_missing_or_wrong_parent_is_refused() {
         out.out(),
         out.stderr
     );
+
+    // The chain base, inc, x restores to x's memory.
+    let mut r = vmm_tests::Running::spawn(&["restore", "--from", "x.img"], &s.0);
+    let ok = r.wait_for(WAIT, |o| verified(o) >= 2 || o.contains("BAD"));
+    let out = r.kill();
+    assert!(
+        ok && !out.out().contains("BAD"),
+        "{}\n{}",
+        out.out(),
+        out.stderr
+    );
+    // A booted VM that has written no image vouches for none.
+    let fresh = s.0.join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
+    let mut vm = run_with_api(&fresh, 1, 128, "ticks=20");
+    assert!(
+        vm.wait_for(WAIT, |o| o.contains("tick 2")),
+        "{}",
+        vm.output()
+    );
+    let e = snapshot(&fresh, "y.img", &["--parent", "../x.img"]).unwrap_err();
+    assert!(e.contains("this VM keeps track of no image"), "{e}");
+    // Nor for an image taken without --track (tracking costs the guest).
+    snapshot(&fresh, "z.img", &[]).unwrap();
+    let e = snapshot(&fresh, "y.img", &["--parent", "z.img"]).unwrap_err();
+    assert!(e.contains("this VM keeps track of no image"), "{e}");
+    assert!(!fresh.join("y.img").exists());
+    let _ = vm.kill();
 
     // A parent that is gone, or another image in its place: one line, no VM.
     std::fs::rename(moved.join("base.img"), s.0.join("gone.img")).unwrap();

@@ -115,8 +115,16 @@ pub struct SnapshotOptions {
     #[arg(long = "quiesce-timeout", value_name = "MS", default_value_t = DEFAULT_QUIESCE_TIMEOUT_MS)]
     #[serde(default = "default_quiesce_timeout")]
     pub quiesce_timeout_ms: u64,
-    /// Write an increment: only the memory pages written since IMAGE, the
-    /// last image this VM wrote (states and disks are written whole).
+    /// Keep track of the pages the VM writes from this image on, so the
+    /// next snapshot can be an increment on it (--parent). It costs the
+    /// guest: its memory is mapped in small pages while tracked (a first
+    /// pass over 1 GiB took 3.8 s instead of 1.2 s after a restore).
+    #[arg(long)]
+    #[serde(default)]
+    pub track: bool,
+    /// Write an increment: only the memory pages written since IMAGE, this
+    /// VM's last image taken or restored with --track (states and disks
+    /// are written whole). Tracking goes on from the increment.
     #[arg(long, value_name = "IMAGE")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<PathBuf>,
@@ -145,6 +153,7 @@ impl Default for SnapshotOptions {
             compress: default_compression(),
             no_disk: false,
             quiesce_timeout_ms: DEFAULT_QUIESCE_TIMEOUT_MS,
+            track: false,
             parent: None,
             parent_id: None,
         }
@@ -172,6 +181,9 @@ pub struct SnapshotBody {
     pub no_disk: bool,
     #[serde(default = "default_quiesce_timeout")]
     pub quiesce_timeout_ms: u64,
+    /// Track the pages written from this image on.
+    #[serde(default)]
+    pub track: bool,
     /// An increment on this image (absolute path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<PathBuf>,
@@ -189,6 +201,7 @@ impl SnapshotBody {
             compress: options.compress,
             no_disk: options.no_disk,
             quiesce_timeout_ms: options.quiesce_timeout_ms,
+            track: options.track,
             parent: options.parent,
             parent_id: options.parent_id,
         }
@@ -200,6 +213,7 @@ impl SnapshotBody {
             compress: self.compress,
             no_disk: self.no_disk,
             quiesce_timeout_ms: self.quiesce_timeout_ms,
+            track: self.track,
             parent: self.parent.clone(),
             parent_id: self.parent_id.clone(),
         }
@@ -217,6 +231,7 @@ mod tests {
             compress: Compression::Zstd(3),
             no_disk: false,
             quiesce_timeout_ms: 500,
+            track: true,
             parent: Some("/x/base".into()),
             parent_id: Some("00112233445566778899aabbccddeeff".into()),
         };

@@ -105,10 +105,10 @@ pub enum MachineError {
 fn not_parent_message(parent: &str, last: &Option<String>) -> String {
     match last {
         Some(last) => format!(
-            "image {parent} is not the last image this VM wrote ({last}): an increment goes on top of the VM's last image"
+            "image {parent} is not this VM's last image ({last}: the last it wrote, or the one it was restored from): an increment goes on top of that one"
         ),
         None => format!(
-            "this VM has written no image since it started (or since it lost track of its writes), so it cannot vouch for image {parent}: take a full snapshot first"
+            "this VM keeps track of no image (none written with --track, none restored with --track, or it lost track of its writes), so it cannot vouch for image {parent}: take a snapshot with --track first"
         ),
     }
 }
@@ -168,7 +168,7 @@ pub struct Machine {
     agent: AgentChannel,
     /// The id of the image this machine was restored from.
     restored_image: Option<String>,
-    /// Set once an image of this machine is written ([`Machine::image_written`]).
+    /// Set once an image of this machine is written ([`Machine::set_last_image`]).
     lineage: Option<Lineage>,
 }
 
@@ -530,11 +530,12 @@ impl Machine {
         })
     }
 
-    /// Records that an image of this machine, as it is now (not running),
-    /// was written: the next increment goes on top of it. Starts (or
-    /// restarts) the log of the pages the guest and the devices write.
-    /// Without a log the machine vouches for no image.
-    pub fn image_written(&mut self, image_id: [u8; 16]) -> Result<(), MachineError> {
+    /// Records that the machine's memory, as it is now (not running), is
+    /// image `image_id`'s (an image it wrote, or the one it was restored
+    /// from): the next increment goes on top of it. Starts (or restarts)
+    /// the log of the pages the guest and the devices write. Without a log
+    /// the machine vouches for no image.
+    pub fn set_last_image(&mut self, image_id: [u8; 16]) -> Result<(), MachineError> {
         if self.lifecycle == Lifecycle::Running {
             return Err(self.refuse("track"));
         }
@@ -550,7 +551,17 @@ impl Machine {
         Ok(())
     }
 
-    /// Whether image `parent` is the last one [`Machine::image_written`]
+    /// Stops the log of written pages (the guest gets its large mappings
+    /// back); the machine vouches for no image.
+    pub fn stop_tracking(&mut self) -> Result<(), MachineError> {
+        self.lineage = None;
+        self.vm
+            .ram()
+            .stop_dirty_log(self.vm.fd())
+            .map_err(MachineError::DirtyLog)
+    }
+
+    /// Whether image `parent` is the last one [`Machine::set_last_image`]
     /// recorded, the only one an increment can go on.
     pub fn check_parent(&self, parent: &[u8; 16]) -> Result<(), MachineError> {
         let last = self.lineage.as_ref().map(|l| l.image_id);
@@ -564,7 +575,7 @@ impl Machine {
     }
 
     /// The pages written since image `parent`, which must be the last one
-    /// [`Machine::image_written`] recorded. Kept until the next image is
+    /// [`Machine::set_last_image`] recorded. Kept until the next image is
     /// recorded, so an increment that fails to be written loses nothing.
     pub fn dirty_since(&mut self, parent: &[u8; 16]) -> Result<DirtyPages, MachineError> {
         if self.lifecycle == Lifecycle::Running {

@@ -188,6 +188,7 @@ impl ControlArgs {
             start: None,
             sandbox,
             restore_report: runner::Report::Quiet,
+            track_restored: false,
         })
     }
 }
@@ -341,6 +342,11 @@ struct RestoreArgs {
     /// instead of lazily.
     #[arg(long)]
     eager: bool,
+    /// Keep track of the pages the VM writes from the start, so that its
+    /// first snapshot can be an increment on this image (--parent). It
+    /// costs the guest: its memory is mapped in small pages while tracked.
+    #[arg(long)]
+    track: bool,
     #[command(flatten)]
     control: ControlArgs,
     /// Where the image's disks are materialized (sparse files named after the image id).
@@ -732,6 +738,7 @@ fn restore_cmd(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
         (false, true) => runner::Report::Json,
         (false, false) => runner::Report::Line,
     };
+    opts.track_restored = args.track;
     let finished = runner::restore(
         from,
         lazy,

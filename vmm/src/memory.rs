@@ -145,6 +145,15 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Stops KVM's log (a slot under dirty logging is mapped in 4 KiB
+    /// pages; without it, huge pages come back). No-op when it is off.
+    pub fn stop_dirty_log(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        if self.dirty_log.swap(false, Ordering::AcqRel) {
+            self.set_slots(vm, 0)?;
+        }
+        Ok(())
+    }
+
     /// Whether [`GuestRam::start_dirty_log`] has started the log.
     pub fn dirty_log_started(&self) -> bool {
         self.dirty_log.load(Ordering::Acquire)

@@ -86,6 +86,8 @@ pub struct RunOptions {
     pub sandbox: Sandbox,
     /// How `vmm restore` reports a restore, on stderr.
     pub restore_report: Report,
+    /// `vmm restore --track`: log the pages written from the restore on.
+    pub track_restored: bool,
 }
 
 /// A one-line result on stderr: none, for a person, or JSON for tools.
@@ -197,7 +199,7 @@ pub fn restore(
 ) -> Result<Finished, RunError> {
     let timeline = Arc::new(Timeline::new(start));
     let (events_tx, events_rx) = mpsc::channel();
-    let machine = Machine::restore(
+    let mut machine = Machine::restore(
         from,
         source,
         &RestoreHost {
@@ -210,6 +212,19 @@ pub fn restore(
         events_tx.clone(),
         timeline,
     )?;
+    // The VM's memory is the image's: an increment may go on top of it.
+    if let Some(id) = machine
+        .restored_image()
+        .and_then(snapshot::format::id_from_hex)
+        .filter(|_| opts.track_restored)
+    {
+        if let Err(e) = machine.set_last_image(id) {
+            log::warn!(
+                "{}: the first snapshot of this VM cannot be an increment",
+                crate::error_chain(&e)
+            );
+        }
+    }
     log::info!("restored in {:?}", start.elapsed());
     report_restore(&machine, source, start, opts.restore_report);
     run_machine(machine, events_tx, events_rx, opts, start)
@@ -737,11 +752,17 @@ fn snapshot(
         &how,
         output,
     )?;
-    if let Err(e) = machine.image_written(written.id) {
-        log::warn!(
-            "{}: the next snapshot of this VM cannot be an increment",
-            crate::error_chain(&e)
-        );
+    // Tracking costs the guest (small pages while logged): only when asked
+    // for, and on from an increment on.
+    if options.track || parent.is_some() {
+        if let Err(e) = machine.set_last_image(written.id) {
+            log::warn!(
+                "{}: the next snapshot of this VM cannot be an increment",
+                crate::error_chain(&e)
+            );
+        }
+    } else if let Err(e) = machine.stop_tracking() {
+        log::warn!("{}", crate::error_chain(&e));
     }
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     log::info!(
