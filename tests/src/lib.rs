@@ -42,8 +42,20 @@ pub mod test_guest {
     /// The test guest with `vcpus`, `mem` MiB and `cmdline`, its API socket
     /// `api.sock` in `dir`.
     pub fn run_with_api(dir: &Path, vcpus: u32, mem: u32, cmdline: &str) -> super::Running {
+        run_with_api_and(dir, vcpus, mem, cmdline, &[])
+    }
+
+    /// [`run_with_api`] with `extra` flags for `vmm run`.
+    pub fn run_with_api_and(
+        dir: &Path,
+        vcpus: u32,
+        mem: u32,
+        cmdline: &str,
+        extra: &[&str],
+    ) -> super::Running {
         let mut args = run_args(vcpus, mem, cmdline);
-        args.extend(["--api-sock".to_string(), "api.sock".to_string()]);
+        args.extend(["--api-sock", "api.sock"].map(String::from));
+        args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         super::Running::spawn(&args, dir)
     }
@@ -54,6 +66,36 @@ pub mod test_guest {
             .filter_map(|l| l.trim().strip_prefix("tick "))
             .filter_map(|n| n.trim().parse().ok())
             .collect()
+    }
+
+    /// How many times the guest said `verify ok` (its memory held what it
+    /// last wrote there).
+    pub fn verified(out: &str) -> usize {
+        out.matches("verify ok").count()
+    }
+
+    /// `vmm restore --from image` in `dir` of a guest running `verify`,
+    /// until it has checked its memory three times or found it wrong, then
+    /// killed: whether it checked it, and what it said.
+    pub fn restore_verifying(dir: &Path, image: &str) -> (bool, super::Outcome) {
+        let mut r = super::Running::spawn(&["restore", "--from", image], dir);
+        let ok = r.wait_for(std::time::Duration::from_secs(60), |o| {
+            verified(o) >= 3 || o.contains("BAD")
+        });
+        (ok, r.kill())
+    }
+
+    /// `vmm snapshot --json` of the VM whose API socket is `api.sock` in
+    /// `dir`, into `out`, with `extra` flags: its answer, or the error it
+    /// printed.
+    pub fn snapshot(dir: &Path, out: &str, extra: &[&str]) -> Result<serde_json::Value, String> {
+        let mut args = vec!["snapshot", "--api-sock", "api.sock", "--out", out, "--json"];
+        args.extend_from_slice(extra);
+        let o = super::vmm_in(dir, &args);
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+        serde_json::from_slice(&o.stdout).map_err(|e| format!("{e}: {:?}", o.stdout))
     }
 }
 
