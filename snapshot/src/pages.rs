@@ -29,7 +29,7 @@ fn set_bit(map: &mut [u8], i: usize) {
 }
 
 /// Counts for one chunk, summed into image statistics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChunkStats {
     /// Pages recorded (present).
     pub pages: u64,

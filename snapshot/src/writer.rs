@@ -101,7 +101,7 @@ impl<W: Write> Counting<W> {
 }
 
 /// What `finish` reports.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct WriteSummary {
     /// Bytes of the whole image.
     pub bytes: u64,

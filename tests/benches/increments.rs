@@ -56,7 +56,7 @@ fn restore_to_tick(dir: &Path, image: &str) -> f64 {
 /// The VM's pause (ms) and the image's size (MiB) from an answer.
 fn pause_and_size(a: &serde_json::Value) -> (f64, f64) {
     (
-        a["total_ms"].as_f64().unwrap_or(f64::NAN),
+        a["pause_ms"].as_f64().unwrap_or(f64::NAN),
         a["bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
     )
 }

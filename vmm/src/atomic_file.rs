@@ -116,6 +116,17 @@ impl AtomicFile {
     }
 }
 
+impl AtomicFile {
+    /// Leaves the temporary file to another process that writes it (a
+    /// forked copy of this one holding the same file): dropping this
+    /// handle no longer removes it. Its path, to clean up after a writer
+    /// that died.
+    pub fn disown(mut self) -> PathBuf {
+        self.done = true;
+        std::mem::take(&mut self.tmp)
+    }
+}
+
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if !self.done {

@@ -133,6 +133,13 @@ pub struct SnapshotOptions {
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+    /// Keep a running VM paused until the whole image is written. By
+    /// default it pauses only while its state is captured and a copy of
+    /// the VMM forked to write the image (a VM with a disk, or whose
+    /// memory is still arriving from a lazy restore, pauses throughout).
+    #[arg(long)]
+    #[serde(default)]
+    pub full_pause: bool,
 }
 
 /// The default bound on the agent's quiescing.
@@ -156,6 +163,7 @@ impl Default for SnapshotOptions {
             track: false,
             parent: None,
             parent_id: None,
+            full_pause: false,
         }
     }
 }
@@ -190,6 +198,9 @@ pub struct SnapshotBody {
     /// The parent's id (hex); read from `parent` when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+    /// Keep a running VM paused for the whole write.
+    #[serde(default)]
+    pub full_pause: bool,
 }
 
 impl SnapshotBody {
@@ -204,6 +215,7 @@ impl SnapshotBody {
             track: options.track,
             parent: options.parent,
             parent_id: options.parent_id,
+            full_pause: options.full_pause,
         }
     }
 
@@ -216,6 +228,7 @@ impl SnapshotBody {
             track: self.track,
             parent: self.parent.clone(),
             parent_id: self.parent_id.clone(),
+            full_pause: self.full_pause,
         }
     }
 }
@@ -234,6 +247,7 @@ mod tests {
             track: true,
             parent: Some("/x/base".into()),
             parent_id: Some("00112233445566778899aabbccddeeff".into()),
+            full_pause: true,
         };
         let body = SnapshotBody::new(Some("/x/img".into()), opts.clone());
         let text = serde_json::to_string(&body).unwrap();

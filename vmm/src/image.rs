@@ -131,6 +131,16 @@ impl ImageOutput {
             SnapshotTarget::Stream(w) => ImageOutput::Stream(w),
         })
     }
+
+    /// Lets go of this process's handle on an output a forked child now
+    /// writes: the temporary file stays (the child commits or removes
+    /// it); its path is returned, to remove if the child dies midway.
+    pub fn disown(self) -> Option<PathBuf> {
+        match self {
+            ImageOutput::File(atomic, _file) => Some(atomic.disown()),
+            ImageOutput::Stream(_) => None,
+        }
+    }
 }
 
 /// How a copy-on-write (`--ephemeral`) disk goes into an image.
@@ -211,6 +221,7 @@ pub struct DiskRef {
 }
 
 /// What a written image holds, for the API's answer.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Written {
     pub id: [u8; 16],
     /// `id` in hex.
@@ -269,11 +280,16 @@ impl Progress {
     }
 
     fn start(&self, total: u64) {
-        self.done.store(0, Ordering::Relaxed);
+        self.set(0, total);
+    }
+
+    /// Where a write elsewhere (a child process's) has got.
+    pub(crate) fn set(&self, done: u64, total: u64) {
+        self.done.store(done, Ordering::Relaxed);
         self.total.store(total, Ordering::Release);
     }
 
-    fn end(&self) {
+    pub(crate) fn end(&self) {
         self.total.store(0, Ordering::Release);
     }
 }

@@ -11,6 +11,7 @@
 //!   `event_loop`: the device thread where their backends work.
 //! - `machine`: the one owner of a VM's lifecycle; `state` is what it saves.
 //! - `image`: a machine's state, memory and disks as an image and back;
+//!   `background`: an image written by a forked child while the VM runs;
 //!   `host`: whether this host can run an image.
 //! - `boot`: what `vmm run` boots; `runner`: runs a machine and serves `api`.
 //! - `events`: what reaches the main thread, and the typed requests.
@@ -25,6 +26,7 @@ pub mod agent;
 pub mod api;
 pub mod arch;
 pub mod atomic_file;
+pub mod background;
 pub mod boot;
 pub mod bus;
 pub mod checkpoint;

@@ -551,6 +551,45 @@ impl Machine {
         Ok(())
     }
 
+    /// Marks the machine's memory as it is now (not running) as what the
+    /// image about to be written holds: from here on the log counts the
+    /// writes since that image. What was written since the last image is
+    /// kept (carried) until [`Machine::record_image`], so an image that
+    /// never gets written loses nothing.
+    pub fn begin_image(&mut self) -> Result<(), MachineError> {
+        if self.lifecycle == Lifecycle::Running {
+            return Err(self.refuse("track"));
+        }
+        match self.lineage.as_ref().map(|l| l.image_id) {
+            Some(last) => self.dirty_since(&last).map(drop),
+            None => self
+                .vm
+                .ram()
+                .start_dirty_log(self.vm.fd())
+                .map_err(MachineError::DirtyLog),
+        }
+    }
+
+    /// The image [`Machine::begin_image`] marked was written, as
+    /// `image_id`: the next increment goes on it. The VM may be running.
+    pub fn record_image(&mut self, image_id: [u8; 16]) {
+        self.lineage = Some(Lineage {
+            image_id,
+            carried: None,
+        });
+    }
+
+    /// The image [`Machine::begin_image`] marked was not written: the
+    /// machine still vouches for the one before, if any; with none, the
+    /// log it started stops.
+    pub fn abandon_image(&mut self) {
+        if self.lineage.is_none() {
+            if let Err(e) = self.vm.ram().stop_dirty_log(self.vm.fd()) {
+                log::warn!("{}", crate::error_chain(&MachineError::DirtyLog(e)));
+            }
+        }
+    }
+
     /// Stops the log of written pages (the guest gets its large mappings
     /// back); the machine vouches for no image.
     pub fn stop_tracking(&mut self) -> Result<(), MachineError> {

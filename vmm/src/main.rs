@@ -651,12 +651,29 @@ fn snapshot_line(a: &serde_json::Value) -> String {
         Some(p) => format!("increment {} on {p}", a["image_id"].as_str().unwrap_or("?")),
         None => format!("snapshot {}", a["image_id"].as_str().unwrap_or("?")),
     };
+    // A write in the background ends after the resume: it is in total_ms.
+    let background = a["background"].as_bool().unwrap_or(false);
+    let in_all = num("prepare_ms")
+        + num("freeze_ms")
+        + num("total_ms")
+        + if background {
+            0.0
+        } else {
+            num("resume_thaw_ms")
+        };
+    let how = if background {
+        " (written while it ran)".to_string()
+    } else {
+        a["full_pause"]
+            .as_str()
+            .map(|why| format!(" (for the whole write: {why})"))
+            .unwrap_or_default()
+    };
     format!(
-        "{kind} written to {}: {}{ratio}; VM paused {:.0} ms, {:.0} ms in all",
+        "{kind} written to {}: {}{ratio}; VM paused {:.1} ms{how}, {in_all:.0} ms in all",
         a["destination"].as_str().unwrap_or("?"),
         mib(bytes),
-        num("total_ms"),
-        num("prepare_ms") + num("freeze_ms") + num("total_ms") + num("resume_thaw_ms"),
+        num("pause_ms"),
     )
 }
 

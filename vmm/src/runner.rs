@@ -14,6 +14,7 @@ use crate::device_manager::{DeviceManager, RestoreOverrides};
 use guest_abi::agent::{Reply, Request, StartRequest};
 
 use crate::agent::{AgentChannel, AgentError};
+use crate::background::{self, BackgroundWrite};
 use crate::checkpoint::{self, checkpoint_path};
 use crate::events::{
     ApiFailure, ApiRequest, SnapshotOptions, SnapshotRequest, SnapshotTarget, StopReason, VmEvent,
@@ -53,6 +54,8 @@ enum SnapshotError {
     Image(#[from] ImageError),
     #[error("--parent {path}: {reason}")]
     Parent { path: String, reason: String },
+    #[error(transparent)]
+    Background(#[from] crate::background::BackgroundError),
 }
 
 /// How a VM that ran to its end finished.
@@ -580,37 +583,92 @@ fn checkpoint(
         (false, 0.0)
     };
     let quiesce_ms = ms_since(t0);
+    // A running VM that goes on afterwards pauses only to be captured,
+    // unless the image could not be taken at that instant.
+    let full_pause = if !was_running || stop {
+        None
+    } else {
+        full_pause_reason(machine, &req.options)
+    };
+    let background = was_running && !stop && full_pause.is_none();
+    let t_pause = Instant::now();
     if was_running {
         if let Err(e) = machine.pause() {
             thaw(machine.agent(), frozen);
             return (Err(failure(e)), false);
         }
     }
-    let mut result = snapshot(machine, output, &req.options, parent, frozen, progress);
-    // The VM survives a failed snapshot; after a good one it carries on
-    // unless asked to stop, or stays paused if it was.
-    let stop_now = stop && result.is_ok();
+    let pausing_ms = ms_since(t_pause);
+    let track = req.options.track || parent.is_some();
+    let started = snapshot(
+        machine,
+        output,
+        &req.options,
+        parent.as_ref(),
+        frozen,
+        background,
+        progress,
+    );
+    let mut pause_ms = ms_since(t_pause);
+    // After a write in the background has started, or a failed snapshot,
+    // or a whole one, the VM carries on unless asked to stop, or stays
+    // paused if it was.
+    let stop_now = stop && started.is_ok();
     let t_thaw = Instant::now();
     if !stop_now && was_running {
         if let Err(e) = machine.resume() {
             log::error!("cannot resume the VM after a snapshot: {e}");
-            return (result.map_err(snapshot_failure), true);
+            if let Ok(Started::Writing { write, .. }) = started {
+                let _ = write.wait(progress);
+            }
+            return (Err(failure(e)), true);
         }
+        pause_ms = ms_since(t_pause);
         thaw(machine.agent(), frozen);
     }
+    let resume_thaw_ms = ms_since(t_thaw);
+    let mut result = started.and_then(|s| finish_snapshot(machine, s, track, progress));
     if let Ok(v) = &mut result {
+        v["parent_id"] = parent.map(|(id, _)| snapshot::format::id_hex(&id)).into();
         v["prepare_ms"] = prepare_ms.into();
         v["freeze_ms"] = (quiesce_ms - prepare_ms).into();
-        v["resume_thaw_ms"] = ms_since(t_thaw).into();
+        v["resume_thaw_ms"] = resume_thaw_ms.into();
+        v["quiesced"] = frozen.into();
+        v["pause_ms"] = pause_ms.into();
+        v["pausing_ms"] = pausing_ms.into();
+        v["background"] = background.into();
+        if let Some(why) = full_pause {
+            v["full_pause"] = why.into();
+        }
         log::info!(
-            "checkpoint: prepare {prepare_ms:.1} ms, freeze {:.1} ms, capture {:.1} ms, write {:.1} ms, resume+thaw {:.1} ms",
+            "checkpoint: prepare {prepare_ms:.1} ms, freeze {:.1} ms, paused {pause_ms:.1} ms (capture {:.1} ms), written in {:.1} ms{}, resume+thaw {resume_thaw_ms:.1} ms",
             quiesce_ms - prepare_ms,
             v["state_capture_ms"].as_f64().unwrap_or(0.0),
-            v["total_ms"].as_f64().unwrap_or(0.0) - v["state_capture_ms"].as_f64().unwrap_or(0.0),
-            ms_since(t_thaw),
+            v["total_ms"].as_f64().unwrap_or(0.0),
+            if background { " by a child while the VM ran" } else { "" },
         );
     }
     (result.map_err(snapshot_failure), stop_now)
+}
+
+/// Why a snapshot of a running VM that goes on must keep it paused for the
+/// whole write, if it must: the default is to pause for the capture only
+/// and write from a forked copy (`crate::background`).
+fn full_pause_reason(machine: &Machine, options: &SnapshotOptions) -> Option<&'static str> {
+    if options.full_pause {
+        return Some("asked for (--full-pause)");
+    }
+    // The disk is read while the image is written, and the running VM
+    // would change it under the reader.
+    if machine.disks().map_or(true, |d| !d.is_empty()) {
+        return Some("the VM has a disk, which it would go on writing during the write");
+    }
+    // A fork does not carry the lazy restore's userfaultfd: pages not yet
+    // in would read as zeros in the child.
+    if machine.memory_fill().is_some_and(|f| !f.done) {
+        return Some("its memory is still arriving from the image it was restored from");
+    }
+    None
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -713,54 +771,137 @@ fn parent_of(
     Ok(Some((id, path.clone())))
 }
 
-/// Saves a paused machine's state and writes its image: whole, or with
-/// `options.parent` the pages written since that image. The machine then
-/// tracks its writes from this image on.
+/// A snapshot once the paused machine is captured.
+enum Started {
+    /// Written whole while the VM was paused.
+    Written {
+        written: image::Written,
+        capture_ms: f64,
+        t0: Instant,
+    },
+    /// Being written by a child process while the VM runs.
+    Writing {
+        write: BackgroundWrite,
+        /// The temporary file the child writes, to remove if it dies.
+        tmp: Option<PathBuf>,
+        capture_ms: f64,
+        fork_ms: f64,
+        t0: Instant,
+    },
+}
+
+/// Saves a paused machine's state and writes its image, or with
+/// `background` forks a child that writes it: whole, or with `parent` the
+/// pages written since that image. From here on the machine's log counts
+/// the writes since this image (if tracking, see [`finish_snapshot`]).
 fn snapshot(
     machine: &mut Machine,
     output: ImageOutput,
     options: &SnapshotOptions,
-    parent: Option<([u8; 16], PathBuf)>,
+    parent: Option<&([u8; 16], PathBuf)>,
     quiesced: bool,
+    background: bool,
     progress: &image::Progress,
-) -> Result<serde_json::Value, SnapshotError> {
+) -> Result<Started, SnapshotError> {
     let t0 = Instant::now();
     let state = machine.save_state()?;
-    let dirty = match &parent {
+    let dirty = match parent {
         Some((id, _)) => Some(machine.dirty_since(id)?),
         None => None,
     };
-    let capture_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let how = image::WriteHow {
-        increment: parent
-            .as_ref()
-            .zip(dirty.as_ref())
-            .map(|((parent_id, path), dirty)| image::Increment {
-                parent_id: *parent_id,
-                parent_path: path,
-                dirty,
-            }),
-        overlays: OverlayMode::Merged,
-        quiesced,
-        progress: Some(progress),
-    };
-    let written = image::write(
-        &state,
-        machine.ram(),
-        &machine.disks()?,
-        options,
-        &how,
-        output,
-    )?;
     // Tracking costs the guest (small pages while logged): only when asked
     // for, and on from an increment on.
     if options.track || parent.is_some() {
-        if let Err(e) = machine.set_last_image(written.id) {
-            log::warn!(
-                "{}: the next snapshot of this VM cannot be an increment",
-                crate::error_chain(&e)
-            );
+        machine.begin_image()?;
+    }
+    let capture_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let disks = machine.disks()?;
+    let write = |output: ImageOutput, progress: &image::Progress| {
+        let how = image::WriteHow {
+            increment: parent
+                .zip(dirty.as_ref())
+                .map(|((parent_id, path), dirty)| image::Increment {
+                    parent_id: *parent_id,
+                    parent_path: path,
+                    dirty,
+                }),
+            overlays: OverlayMode::Merged,
+            quiesced,
+            progress: Some(progress),
+        };
+        image::write(&state, machine.ram(), &disks, options, &how, output)
+    };
+    if !background {
+        let written = write(output, progress);
+        let written = written.inspect_err(|_| machine_abandon(machine, options, parent))?;
+        return Ok(Started::Written {
+            written,
+            capture_ms,
+            t0,
+        });
+    }
+    let t_fork = Instant::now();
+    match background::fork().map_err(SnapshotError::Background)? {
+        background::Forked::Child(child) => {
+            child.finish(|progress| write(output, progress).map_err(|e| crate::error_chain(&e)))
         }
+        background::Forked::Parent(write) => Ok(Started::Writing {
+            write,
+            tmp: output.disown(),
+            capture_ms,
+            fork_ms: ms_since(t_fork),
+            t0,
+        }),
+    }
+}
+
+/// The machine goes back to the image before: the one it was about to
+/// write was not.
+fn machine_abandon(
+    machine: &mut Machine,
+    options: &SnapshotOptions,
+    parent: Option<&([u8; 16], PathBuf)>,
+) {
+    if options.track || parent.is_some() {
+        machine.abandon_image();
+    }
+}
+
+/// Waits for an image being written in the background, records it as the
+/// machine's last (with `track`) or stops tracking, and answers.
+fn finish_snapshot(
+    machine: &mut Machine,
+    started: Started,
+    track: bool,
+    progress: &image::Progress,
+) -> Result<serde_json::Value, SnapshotError> {
+    let (written, capture_ms, fork_ms, t0) = match started {
+        Started::Written {
+            written,
+            capture_ms,
+            t0,
+        } => (written, capture_ms, None, t0),
+        Started::Writing {
+            write,
+            tmp,
+            capture_ms,
+            fork_ms,
+            t0,
+        } => match write.wait(progress) {
+            Ok(w) => (w, capture_ms, Some(fork_ms), t0),
+            Err(e) => {
+                if track {
+                    machine.abandon_image();
+                }
+                if let (Some(tmp), background::BackgroundError::Vanished { .. }) = (tmp, &e) {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                return Err(SnapshotError::Background(e));
+            }
+        },
+    };
+    if track {
+        machine.record_image(written.id);
     } else if let Err(e) = machine.stop_tracking() {
         log::warn!("{}", crate::error_chain(&e));
     }
@@ -773,13 +914,12 @@ fn snapshot(
     );
     Ok(serde_json::json!({
         "image_id": written.image_id,
-        "parent_id": parent.map(|(id, _)| snapshot::format::id_hex(&id)),
         "destination": written.destination,
         "bytes": written.summary.bytes,
         "memory_pages": written.summary.memory.pages,
         "memory_zero_pages": written.summary.memory.zero_pages,
-        "quiesced": quiesced,
         "state_capture_ms": capture_ms,
+        "fork_ms": fork_ms,
         "total_ms": ms,
     }))
 }

@@ -175,6 +175,15 @@ fn allowed(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
             ],
         );
     }
+    if kind == ThreadKind::Main {
+        // Forking a snapshot's writer (`crate::background`): the child
+        // asks to die with its parent; the parent waits for it.
+        prctl.push(arg_is(0, libc::PR_SET_PDEATHSIG as u64)?);
+        allow_all(
+            &mut rules,
+            &[libc::SYS_getppid, libc::SYS_setpriority, libc::SYS_wait4],
+        );
+    }
     rules.insert(libc::SYS_prctl, prctl);
     // Sockets are Unix sockets (the API, vsock's host side, the agent).
     let unix_sockets = |rules: &mut Rules| -> Result<(), seccompiler::BackendError> {

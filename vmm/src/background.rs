@@ -1,0 +1,209 @@
+//! An image written by a child process while the VM runs on: the VMM
+//! forks while the VM is paused, so the child holds the guest's memory as
+//! it was at that instant (the kernel copies a page only when the running
+//! VM first writes it afterwards), and the VM resumes at once. The pause
+//! is the state capture and the fork, not the write.
+//!
+//! Why a fork and not userfaultfd write-protection or pre-copy: protecting
+//! memory costs the same as forking (both walk the page tables: 0.1 ms
+//! for 4 GiB of huge pages, 45–100 ms for 4 GiB of 4 KiB pages, measured
+//! here), but each first write after a fork is a copy the kernel makes in
+//! its fault path (a few µs), where a write-protect fault goes out to a
+//! handler thread and back (25–70 µs); pre-copy's last pause grows with
+//! the guest's write rate. `PLATFORM.md` and issue 15 hold the figures.
+//!
+//! The child is a copy of a multi-threaded process in which only the
+//! forking thread goes on: it must not take a lock another thread may
+//! have held at the fork. It writes no log (the logger's lock), touches
+//! nothing of the VM but memory, and ends with `_exit`, so no destructor
+//! or exit handler of the parent's runs twice. glibc's malloc is safe to
+//! use after a fork. What the child reports comes back over a pipe: its
+//! progress, then its result.
+
+use std::io::{BufRead, BufReader, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::image::{Progress, Written};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackgroundError {
+    #[error("cannot create the pipe to the image's writer")]
+    Pipe(#[source] std::io::Error),
+    #[error("cannot fork the image's writer")]
+    Fork(#[source] std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+    #[error("the image's writer (pid {pid}) {how} before it said how the write went")]
+    Vanished { pid: i32, how: String },
+}
+
+/// The writer's niceness: below the VM's threads.
+const WRITER_NICE: libc::c_int = 10;
+
+/// What the child sends, one JSON line each.
+#[derive(Serialize, Deserialize)]
+enum Report {
+    Progress { done: u64, total: u64 },
+    Written(Written),
+    Failed(String),
+}
+
+/// What [`fork`] returns in each process.
+pub enum Forked {
+    /// In the VMM: the write in progress.
+    Parent(BackgroundWrite),
+    /// In the child: write the image, then [`Child::finish`].
+    Child(Child),
+}
+
+/// Forks the VMM. Call it with the VM paused and nothing of its state in
+/// the middle of a change: the child sees memory as it is now.
+pub fn fork() -> Result<Forked, BackgroundError> {
+    let (reader, writer) = std::io::pipe().map_err(BackgroundError::Pipe)?;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: fork has no memory-safety preconditions; the child below
+    // keeps to what is safe in a forked copy of a multi-threaded process
+    // (see the module's doc) and leaves through `_exit`.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(BackgroundError::Fork(std::io::Error::last_os_error())),
+        0 => {
+            // Another thread may have held the logger's lock, or stderr's,
+            // at the fork: the child logs nothing, and a panic is reported
+            // over the pipe, not printed.
+            log::set_max_level(log::LevelFilter::Off);
+            std::panic::set_hook(Box::new(|_| {}));
+            drop(reader);
+            // SAFETY: prctl(PR_SET_PDEATHSIG), getppid and setpriority take
+            // no pointers. A child whose VMM is gone stops: no one waits
+            // for its image. It yields the CPUs to the VM it copies (nice
+            // 10, as the lazy restore's filler): the vCPUs it competes
+            // with are what the short pause is for, and their resume
+            // waits for them to be scheduled.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                libc::setpriority(libc::PRIO_PROCESS, 0, WRITER_NICE);
+            }
+            Ok(Forked::Child(Child {
+                out: Arc::new(std::sync::Mutex::new(writer)),
+            }))
+        }
+        pid => {
+            drop(writer);
+            Ok(Forked::Parent(BackgroundWrite {
+                pid,
+                reports: BufReader::new(reader),
+            }))
+        }
+    }
+}
+
+/// The child's side: its pipe to the VMM.
+pub struct Child {
+    out: Arc<std::sync::Mutex<std::io::PipeWriter>>,
+}
+
+impl Child {
+    /// Runs `write` with a [`Progress`] the VMM sees, sends its result
+    /// and ends the child. A panic is reported as a failure.
+    pub fn finish(self, write: impl FnOnce(&Progress) -> Result<Written, String>) -> ! {
+        let progress = Arc::new(Progress::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let reporter = {
+            let (progress, done, out) = (progress.clone(), done.clone(), self.out.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    if let Some((done, total)) = progress.now() {
+                        send(&out, &Report::Progress { done, total });
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(&progress)))
+            .unwrap_or_else(|_| Err("the image's writer panicked".into()));
+        done.store(true, Ordering::Release);
+        let _ = reporter.join();
+        let report = match result {
+            Ok(w) => Report::Written(w),
+            Err(e) => Report::Failed(e),
+        };
+        send(&self.out, &report);
+        // SAFETY: ends this process without running the parent's exit
+        // handlers or destructors a second time.
+        unsafe { libc::_exit(0) }
+    }
+}
+
+fn send(out: &std::sync::Mutex<std::io::PipeWriter>, report: &Report) {
+    let Ok(mut line) = serde_json::to_vec(report) else {
+        return;
+    };
+    line.push(b'\n');
+    if let Ok(mut out) = out.lock() {
+        let _ = out.write_all(&line);
+    }
+}
+
+/// A write going on in a child process.
+pub struct BackgroundWrite {
+    pid: libc::pid_t,
+    reports: BufReader<std::io::PipeReader>,
+}
+
+impl BackgroundWrite {
+    /// Waits for the child, passing its progress on to `progress`; what
+    /// it wrote, or why it did not.
+    pub fn wait(mut self, progress: &Progress) -> Result<Written, BackgroundError> {
+        let mut outcome = None;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.reports.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            match serde_json::from_str(&line) {
+                Ok(Report::Progress { done, total }) => progress.set(done, total),
+                Ok(Report::Written(w)) => outcome = Some(Ok(w)),
+                Ok(Report::Failed(e)) => outcome = Some(Err(BackgroundError::Failed(e))),
+                Err(_) => {}
+            }
+        }
+        progress.end();
+        let status = self.reap();
+        outcome.unwrap_or(Err(BackgroundError::Vanished {
+            pid: self.pid,
+            how: status,
+        }))
+    }
+
+    /// Waits for the child to end; how it ended.
+    fn reap(&self) -> String {
+        let mut status = 0;
+        loop {
+            // SAFETY: `status` is a valid place for waitpid to write.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if r == self.pid {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return format!("could not be waited for ({e})");
+            }
+        }
+        if libc::WIFSIGNALED(status) {
+            format!("was killed by signal {}", libc::WTERMSIG(status))
+        } else {
+            format!("exited with status {}", libc::WEXITSTATUS(status))
+        }
+    }
+}
