@@ -526,3 +526,75 @@ fn an_increment_holds_what_the_disk_wrote_into_memory() {
     assert_eq!(again.get(1), lines.first(), "other bytes after restore");
     r.end();
 }
+
+/// A running Linux VM that keeps writing its disk is snapshotted in the
+/// background (paused for the capture only): the disk in the image is the
+/// disk at the pause, because the device copies each block the guest
+/// overwrites meanwhile for the writer. Checked on the restored guest,
+/// which reads the file the writer kept replacing from the disk (caches
+/// dropped) and finds it whole, and by fsck.
+#[test]
+fn a_linux_guest_writing_its_disk_pauses_only_for_the_capture() {
+    if !kvm_available("a_linux_guest_writing_its_disk_pauses_only_for_the_capture") {
+        return;
+    }
+    let b = booted();
+    // Eager: a VM whose memory is still arriving pauses for the whole write.
+    let r = restore(&b.base, "churn", &["--eager"]);
+    wait_for_agent(&r.sock, 1);
+    // Replaces /root/churn with a new run of numbers, synced, without end.
+    let (status, _, err) = sh(
+        &r.sock,
+        "nohup sh -c 'echo $$ > /root/churn.pid; i=0; while :; do i=$((i+1)); \
+         seq $i $((i+20000)) > /root/churn.tmp && sync && mv /root/churn.tmp /root/churn; done' \
+         > /dev/null 2>&1 & \
+         while [ ! -e /root/churn ]; do sleep 0.2; done",
+    );
+    assert_eq!(status, 0, "{err}");
+    // The slowest compression keeps the child writing for seconds.
+    let o = vmm_in(
+        &b.dir,
+        &[
+            "snapshot",
+            "--api-sock",
+            r.sock.to_str().unwrap(),
+            "--out",
+            "churn.vmm",
+            "--compress",
+            "zstd:19",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(a["background"], true, "{a}");
+    assert!(
+        a["disk_blocks_kept"].as_u64().unwrap_or(0) > 0,
+        "the guest wrote nothing while the image was written: {a}"
+    );
+    r.end();
+
+    let disk = b.dir.join("churn-disk.ext4");
+    extract_disk(&b.dir.join("churn.vmm"), &disk);
+    let (clean, report) = fsck(&disk);
+    let _ = std::fs::remove_file(&disk);
+    assert!(clean, "the disk in the image is not clean:\n{report}");
+
+    let r = restore(&b.dir.join("churn.vmm"), "churn-restored", &[]);
+    wait_for_agent(&r.sock, 2);
+    let (status, out, err) = sh(
+        &r.sock,
+        "kill $(cat /root/churn.pid); sync; echo 3 > /proc/sys/vm/drop_caches; \
+         head -n 1 /root/churn; tail -n 1 /root/churn; wc -l < /root/churn",
+    );
+    assert_eq!(status, 0, "{err}");
+    let v: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        v.len() == 3 && v[1] == v[0] + 20000 && v[2] == 20001,
+        "/root/churn is not one whole run of numbers: {out:?}"
+    );
+    r.end();
+}

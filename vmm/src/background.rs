@@ -21,7 +21,7 @@
 //! progress, then its result.
 
 use std::io::{BufRead, BufReader, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub enum BackgroundError {
     #[error("the image's writer (pid {pid}) {how} before it said how the write went")]
     Vanished { pid: i32, how: String },
 }
+
+/// How often the child reports its progress.
+const REPORT_EVERY: Duration = Duration::from_millis(100);
 
 /// The writer's niceness: below the VM's threads.
 const WRITER_NICE: libc::c_int = 10;
@@ -106,6 +109,19 @@ pub fn fork() -> Result<Forked, BackgroundError> {
     }
 }
 
+/// A file in memory that a forked child shares (`memfd_create`): the
+/// disks' copy-before-write logs. `name` shows in /proc.
+pub fn memfd(name: &str) -> std::io::Result<std::fs::File> {
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a valid C string for the call's duration.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// The child's side: its pipe to the VMM.
 pub struct Child {
     out: Arc<std::sync::Mutex<std::io::PipeWriter>>,
@@ -116,21 +132,21 @@ impl Child {
     /// and ends the child. A panic is reported as a failure.
     pub fn finish(self, write: impl FnOnce(&Progress) -> Result<Written, String>) -> ! {
         let progress = Arc::new(Progress::default());
-        let done = Arc::new(AtomicBool::new(false));
+        // Dropping `done` ends the reporter at once.
+        let (done, finished) = std::sync::mpsc::channel::<()>();
         let reporter = {
-            let (progress, done, out) = (progress.clone(), done.clone(), self.out.clone());
+            let (progress, out) = (progress.clone(), self.out.clone());
             std::thread::spawn(move || {
-                while !done.load(Ordering::Acquire) {
+                while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(REPORT_EVERY) {
                     if let Some((done, total)) = progress.now() {
                         send(&out, &Report::Progress { done, total });
                     }
-                    std::thread::sleep(Duration::from_millis(100));
                 }
             })
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(&progress)))
             .unwrap_or_else(|_| Err("the image's writer panicked".into()));
-        done.store(true, Ordering::Release);
+        drop(done);
         let _ = reporter.join();
         let report = match result {
             Ok(w) => Report::Written(w),

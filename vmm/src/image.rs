@@ -210,6 +210,24 @@ impl snapshot::PageSource for OverlaySource<'_> {
     }
 }
 
+/// A disk as it was when its device began keeping, in `log`, what it
+/// overwrites (`devices::virtio::block::pre_write`).
+struct AsAtFork<'a> {
+    source: &'a dyn snapshot::PageSource,
+    log: &'a File,
+}
+
+impl snapshot::PageSource for AsAtFork<'_> {
+    fn len(&self) -> u64 {
+        self.source.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        // The disk first, the log after: see pre_write's ordering.
+        self.source.read_at(offset, buf)?;
+        devices::virtio::block::pre_write::patch_from_log(self.log, self.source.len(), offset, buf)
+    }
+}
+
 /// A disk left out of the image (`--no-disk`): where it was and how to
 /// recognise it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -321,6 +339,9 @@ pub struct WriteHow<'a> {
     pub quiesced: bool,
     /// Where to count the bytes done.
     pub progress: Option<&'a Progress>,
+    /// Disks (by device id) whose device keeps what it overwrites in a
+    /// log for this writer, a forked child: read as they were at the fork.
+    pub kept_disks: &'a [(String, File)],
 }
 
 /// Writes a paused machine's `state`, its memory and its `disks` (device
@@ -429,11 +450,19 @@ pub fn write(
         }
         let dirty = how.increment.as_ref().map(|i| i.dirty.as_slice());
         w.write_memory(&regions, dirty, opts)?;
+        let mut write_disk = |id: &str, source: &dyn snapshot::PageSource| match how
+            .kept_disks
+            .iter()
+            .find(|(k, _)| k == id)
+        {
+            Some((_, log)) => w.write_disk(id, &AsAtFork { source, log }, opts),
+            None => w.write_disk(id, source, opts),
+        };
         for ((id, _, file), len) in files.into_iter().zip(lens) {
-            w.write_disk(id, &FileSource { file: &file, len }, opts)?;
+            write_disk(id, &FileSource { file: &file, len })?;
         }
         for (id, source) in views {
-            w.write_disk(id, source.as_ref(), opts)?;
+            write_disk(id, source.as_ref())?;
         }
         Ok(w.finish()?.1)
     };

@@ -451,6 +451,24 @@ impl Machine {
         Ok(self.devices.disks()?)
     }
 
+    /// Has the disks kept as they are now for a snapshot's writer in a
+    /// forked child, while the VM runs on: the logs to read them through,
+    /// by device id. Not while running; [`Machine::release_disks`] ends it.
+    pub fn keep_disks_for_reader(&self) -> Result<Vec<(String, std::fs::File)>, MachineError> {
+        if self.lifecycle == Lifecycle::Running {
+            return Err(self.refuse("keep the disks of"));
+        }
+        Ok(self
+            .devices
+            .keep_disks_for_reader(|| crate::background::memfd("vmm-disk-log"))?)
+    }
+
+    /// Ends [`Machine::keep_disks_for_reader`]: how many 4 KiB blocks the
+    /// disks kept (the VM wrote them while the image was written).
+    pub fn release_disks(&self) -> u64 {
+        self.devices.release_disks()
+    }
+
     fn refuse(&self, action: &'static str) -> MachineError {
         MachineError::Transition {
             action,

@@ -430,6 +430,7 @@ fn save_warm(
             overlays: OverlayMode::Reference,
             quiesced: false,
             progress: None,
+            kept_disks: &[],
         };
         Ok(image::write(
             &state,
@@ -620,6 +621,7 @@ fn checkpoint(
             log::error!("cannot resume the VM after a snapshot: {e}");
             if let Ok(Started::Writing { write, .. }) = started {
                 let _ = write.wait(progress);
+                machine.release_disks();
             }
             return (Err(failure(e)), true);
         }
@@ -658,10 +660,11 @@ fn full_pause_reason(machine: &Machine, options: &SnapshotOptions) -> Option<&'s
     if options.full_pause {
         return Some("asked for (--full-pause)");
     }
-    // The disk is read while the image is written, and the running VM
-    // would change it under the reader.
-    if machine.disks().map_or(true, |d| !d.is_empty()) {
-        return Some("the VM has a disk, which it would go on writing during the write");
+    // The disk's fingerprint is read from the file itself, which the
+    // running VM would go on changing (its contents, in the image, are
+    // read as they were at the pause: `Machine::keep_disks_for_reader`).
+    if options.no_disk && machine.disks().map_or(true, |d| !d.is_empty()) {
+        return Some("--no-disk fingerprints the disk, which the VM would go on writing");
     }
     // A fork does not carry the lazy restore's userfaultfd: pages not yet
     // in would read as zeros in the child.
@@ -809,13 +812,23 @@ fn snapshot(
         Some((id, _)) => Some(machine.dirty_since(id)?),
         None => None,
     };
+    let disks = machine.disks()?;
+    // The child reads the disks while the VM writes them: their devices
+    // keep what they overwrite for it.
+    let kept_disks = if background {
+        machine.keep_disks_for_reader()?
+    } else {
+        Vec::new()
+    };
     // Tracking costs the guest (small pages while logged): only when asked
     // for, and on from an increment on.
     if options.track || parent.is_some() {
-        machine.begin_image()?;
+        if let Err(e) = machine.begin_image() {
+            machine.release_disks();
+            return Err(e.into());
+        }
     }
     let capture_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let disks = machine.disks()?;
     let write = |output: ImageOutput, progress: &image::Progress| {
         let how = image::WriteHow {
             increment: parent
@@ -828,6 +841,7 @@ fn snapshot(
             overlays: OverlayMode::Merged,
             quiesced,
             progress: Some(progress),
+            kept_disks: &kept_disks,
         };
         image::write(&state, machine.ram(), &disks, options, &how, output)
     };
@@ -841,7 +855,15 @@ fn snapshot(
         });
     }
     let t_fork = Instant::now();
-    match background::fork().map_err(SnapshotError::Background)? {
+    let forked = match background::fork() {
+        Ok(f) => f,
+        Err(e) => {
+            machine.release_disks();
+            machine_abandon(machine, options, parent);
+            return Err(e.into());
+        }
+    };
+    match forked {
         background::Forked::Child(child) => {
             child.finish(|progress| write(output, progress).map_err(|e| crate::error_chain(&e)))
         }
@@ -875,6 +897,7 @@ fn finish_snapshot(
     track: bool,
     progress: &image::Progress,
 ) -> Result<serde_json::Value, SnapshotError> {
+    // In the background: the fork's time, and the disk blocks kept.
     let (written, capture_ms, fork_ms, t0) = match started {
         Started::Written {
             written,
@@ -888,8 +911,12 @@ fn finish_snapshot(
             fork_ms,
             t0,
         } => match write.wait(progress) {
-            Ok(w) => (w, capture_ms, Some(fork_ms), t0),
+            Ok(w) => {
+                let kept = machine.release_disks();
+                (w, capture_ms, Some((fork_ms, kept)), t0)
+            }
             Err(e) => {
+                machine.release_disks();
                 if track {
                     machine.abandon_image();
                 }
@@ -919,7 +946,8 @@ fn finish_snapshot(
         "memory_pages": written.summary.memory.pages,
         "memory_zero_pages": written.summary.memory.zero_pages,
         "state_capture_ms": capture_ms,
-        "fork_ms": fork_ms,
+        "fork_ms": fork_ms.map(|f| f.0),
+        "disk_blocks_kept": fork_ms.map(|f| f.1),
         "total_ms": ms,
     }))
 }

@@ -177,11 +177,17 @@ fn allowed(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
     }
     if kind == ThreadKind::Main {
         // Forking a snapshot's writer (`crate::background`): the child
-        // asks to die with its parent; the parent waits for it.
+        // asks to die with its parent and lowers its priority; the parent
+        // waits for it, and gives the disks' logs to the devices.
         prctl.push(arg_is(0, libc::PR_SET_PDEATHSIG as u64)?);
         allow_all(
             &mut rules,
-            &[libc::SYS_getppid, libc::SYS_setpriority, libc::SYS_wait4],
+            &[
+                libc::SYS_getppid,
+                libc::SYS_setpriority,
+                libc::SYS_wait4,
+                libc::SYS_memfd_create,
+            ],
         );
     }
     rules.insert(libc::SYS_prctl, prctl);

@@ -22,6 +22,7 @@ use super::{
 
 mod overlay;
 mod persist;
+pub mod pre_write;
 pub use overlay::{Overlay, OverlayError, BLOCK as OVERLAY_BLOCK};
 pub use persist::BlockState;
 
@@ -129,6 +130,9 @@ pub struct Block {
     acked_features: u64,
     active: Option<Active>,
     config: [u8; CONFIG_LEN],
+    /// While another process reads the disk as it was (a snapshot's
+    /// writer): blocks are copied there before they are written.
+    pre_write: std::sync::Mutex<Option<pre_write::PreWriteLog>>,
 }
 
 impl Block {
@@ -158,7 +162,27 @@ impl Block {
             acked_features: 0,
             active: None,
             config,
+            pre_write: std::sync::Mutex::new(None),
         })
+    }
+
+    /// From now on, until called with `None`, copies each block into
+    /// `log` before the guest first writes it, so that a reader of the
+    /// disk in another process sees it as it is now
+    /// ([`pre_write::patch_from_log`]). Call it with the device parked.
+    /// How many blocks the log it replaces had copied.
+    pub fn keep_for_reader(&self, log: Option<File>) -> std::io::Result<u64> {
+        let log = log
+            .map(|f| pre_write::PreWriteLog::new(f, self.disk_size))
+            .transpose()?;
+        let old = std::mem::replace(
+            &mut *self
+                .pre_write
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            log,
+        );
+        Ok(old.map_or(0, |l| l.kept()))
     }
 
     /// Records where the image lives (kept in [`BlockState::path`]).
@@ -316,6 +340,14 @@ impl Block {
                     .is_some_and(|addr| mem.read_slice(&mut buf[..n], addr).is_ok());
                 if !ok {
                     return VIRTIO_BLK_S_IOERR;
+                }
+                let disk = &self.disk;
+                let pre_write = self
+                    .pre_write
+                    .get_mut()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(log) = pre_write {
+                    log.before_write(off, n as u64, |b, o| disk.read_at(b, o));
                 }
                 if let Err(e) = self.disk.write_at(&buf[..n], off) {
                     log::warn!("virtio-blk: write to {} failed: {e}", self.path.display());

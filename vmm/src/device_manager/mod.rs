@@ -64,6 +64,12 @@ pub enum DeviceError {
     BadDevice { id: String, reason: String },
     #[error("the image has no disk for {0}")]
     NoDisk(String),
+    #[error("cannot keep {id}'s disk as it is for the snapshot's writer")]
+    KeepDisk {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot make the copy-on-write overlay of the disk in {dir}")]
     Overlay {
         dir: String,
@@ -621,6 +627,53 @@ impl DeviceManager {
             out.push((slot.id.clone(), view));
         }
         Ok(out)
+    }
+
+    /// Has every virtio-blk device keep its disk as it is now for a reader
+    /// in another process (a snapshot's writer): each copies what it is
+    /// about to overwrite into a fresh log from `new_log`. The logs, by
+    /// device id. Call it with the devices parked; [`Self::release_disks`]
+    /// ends it.
+    pub fn keep_disks_for_reader(
+        &self,
+        mut new_log: impl FnMut() -> std::io::Result<std::fs::File>,
+    ) -> Result<Vec<(String, std::fs::File)>, DeviceError> {
+        let mut logs = Vec::new();
+        for slot in &self.virtio {
+            let t = lock(&slot.transport);
+            let Some(b) = t.device().as_any().downcast_ref::<Block>() else {
+                continue;
+            };
+            let kept = new_log().and_then(|log| {
+                b.keep_for_reader(Some(log.try_clone()?))?;
+                Ok(log)
+            });
+            match kept {
+                Ok(log) => logs.push((slot.id.clone(), log)),
+                Err(source) => {
+                    drop(t);
+                    self.release_disks();
+                    return Err(DeviceError::KeepDisk {
+                        id: slot.id.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(logs)
+    }
+
+    /// Ends [`Self::keep_disks_for_reader`]: the devices write in place.
+    /// How many blocks they had kept.
+    pub fn release_disks(&self) -> u64 {
+        let mut kept = 0;
+        for slot in &self.virtio {
+            let t = lock(&slot.transport);
+            if let Some(b) = t.device().as_any().downcast_ref::<Block>() {
+                kept += b.keep_for_reader(None).unwrap_or(0);
+            }
+        }
+        kept
     }
 
     /// Rebuilds the devices from their saved states, attached to
