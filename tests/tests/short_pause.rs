@@ -175,3 +175,43 @@ fn a_writer_killed_midway_leaves_the_earlier_image_and_a_running_vm() {
     assert_ne!(next["image_id"], first["image_id"]);
     assert!(!vm.kill().out().contains("BAD"));
 }
+
+/// A lazily restored VM is snapshotted once its memory is all in (the
+/// fork could not carry the pages still to come), then with the short
+/// pause: the image is whole.
+#[test]
+fn a_lazily_restored_vm_is_snapshotted_once_its_memory_is_in() {
+    if !kvm_available("a_lazily_restored_vm_is_snapshotted_once_its_memory_is_in") {
+        return;
+    }
+    let s = vmm_tests::Scratch::new("short-pause-lazy");
+    let mut vm = run_with_api_and(
+        &s.0,
+        1,
+        1024,
+        "ticks=20 dirty=512,pattern=mix,rate=20000 verify",
+        &[],
+    );
+    assert!(vm.wait_for(WAIT, |o| verified(o) >= 2), "{}", said(&vm));
+    snapshot(&s.0, "first.img", &["--stop"]).unwrap();
+    let _ = vm.finish(WAIT);
+
+    let mut r = vmm_tests::Running::spawn(
+        &["restore", "--from", "first.img", "--api-sock", "api.sock"],
+        &s.0,
+    );
+    assert!(
+        r.wait_for(WAIT, |_| s.0.join("api.sock").exists()),
+        "{}",
+        said(&r)
+    );
+    let a = snapshot(&s.0, "second.img", &[]).unwrap();
+    assert_eq!(a["background"], true, "{a}");
+    assert!(a["fill_wait_ms"].as_f64().is_some(), "{a}");
+    let ran = r.kill().out();
+    assert!(!ran.contains("BAD"), "{ran}");
+
+    let (ok, after) = restore_verifying(&s.0, "second.img");
+    let out = after.out();
+    assert!(ok && !out.contains("BAD"), "{out}\n{}", after.stderr);
+}

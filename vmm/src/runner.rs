@@ -576,6 +576,13 @@ fn checkpoint(
             return (Err(snapshot_failure(e.into())), false);
         }
     };
+    // A VM still bringing its memory in from a lazy restore could only be
+    // written with a full pause: let the fill finish first, as it runs.
+    let fill_wait_ms = if was_running && !stop && !req.options.full_pause {
+        wait_for_memory(machine, FILL_WAIT)
+    } else {
+        0.0
+    };
     let t0 = Instant::now();
     // A paused guest cannot answer: only a running one is quiesced.
     let (frozen, prepare_ms) = if was_running {
@@ -638,6 +645,7 @@ fn checkpoint(
         v["quiesced"] = frozen.into();
         v["pause_ms"] = pause_ms.into();
         v["pausing_ms"] = pausing_ms.into();
+        v["fill_wait_ms"] = fill_wait_ms.into();
         v["background"] = background.into();
         if let Some(why) = full_pause {
             v["full_pause"] = why.into();
@@ -653,23 +661,46 @@ fn checkpoint(
     (result.map_err(snapshot_failure), stop_now)
 }
 
+/// How long a snapshot of a running VM waits for a lazy restore's memory.
+const FILL_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits, at most `limit`, until a lazily restored machine has all of its
+/// memory (at once if it was not restored lazily). The time it waited, ms.
+fn wait_for_memory(machine: &Machine, limit: Duration) -> f64 {
+    let Some(fill) = machine.memory_fill_monitor() else {
+        return 0.0;
+    };
+    let t0 = Instant::now();
+    while !fill.now().done && t0.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ms = ms_since(t0);
+    if ms > 1.0 {
+        log::info!("snapshot: waited {ms:.0} ms for the lazy restore to bring in all of memory");
+    }
+    ms
+}
+
 /// Why a snapshot of a running VM that goes on must keep it paused for the
 /// whole write, if it must: the default is to pause for the capture only
 /// and write from a forked copy (`crate::background`).
-fn full_pause_reason(machine: &Machine, options: &SnapshotOptions) -> Option<&'static str> {
+fn full_pause_reason(machine: &Machine, options: &SnapshotOptions) -> Option<String> {
     if options.full_pause {
-        return Some("asked for (--full-pause)");
+        return Some("asked for (--full-pause)".into());
     }
     // The disk's fingerprint is read from the file itself, which the
     // running VM would go on changing (its contents, in the image, are
     // read as they were at the pause: `Machine::keep_disks_for_reader`).
     if options.no_disk && machine.disks().map_or(true, |d| !d.is_empty()) {
-        return Some("--no-disk fingerprints the disk, which the VM would go on writing");
+        return Some("--no-disk fingerprints the disk, which the VM would go on writing".into());
     }
     // A fork does not carry the lazy restore's userfaultfd: pages not yet
     // in would read as zeros in the child.
     if machine.memory_fill().is_some_and(|f| !f.done) {
-        return Some("its memory is still arriving from the image it was restored from");
+        return Some(format!(
+            "its memory was still arriving from the image it was restored from, {} s after the snapshot was asked for",
+            FILL_WAIT.as_secs()
+        ));
     }
     None
 }
