@@ -15,8 +15,9 @@
 //! The child is a copy of a multi-threaded process in which only the
 //! forking thread goes on: it must not take a lock another thread may
 //! have held at the fork. It writes no log (the logger's lock), touches
-//! nothing of the VM but memory, and ends with `_exit`, so no destructor
-//! or exit handler of the parent's runs twice. glibc's malloc is safe to
+//! nothing of the VM but memory and the disks, lets nothing unwind past
+//! [`Child::finish`] and ends with `_exit`, so no destructor or exit
+//! handler of the parent's runs twice. glibc's malloc is safe to
 //! use after a fork. What the child reports comes back over a pipe: its
 //! progress, then its result.
 
@@ -130,29 +131,37 @@ pub struct Child {
 impl Child {
     /// Runs `write` with a [`Progress`] the VMM sees, sends its result
     /// and ends the child. A panic is reported as a failure.
+    /// Nothing unwinds out of it: the child's stack holds the VMM's own
+    /// objects (the API server, the machine), whose destructors would act
+    /// on what the child shares with the VMM.
     pub fn finish(self, write: impl FnOnce(&Progress) -> Result<Written, String>) -> ! {
-        let progress = Arc::new(Progress::default());
-        // Dropping `done` ends the reporter at once.
-        let (done, finished) = std::sync::mpsc::channel::<()>();
-        let reporter = {
-            let (progress, out) = (progress.clone(), self.out.clone());
-            std::thread::spawn(move || {
+        let out = self.out;
+        let run = || {
+            let progress = Arc::new(Progress::default());
+            // Dropping `done` ends the reporter at once.
+            let (done, finished) = std::sync::mpsc::channel::<()>();
+            let (shared, to) = (progress.clone(), out.clone());
+            // Without a reporter the write goes on, unreported.
+            let reporter = std::thread::Builder::new().spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(REPORT_EVERY) {
-                    if let Some((done, total)) = progress.now() {
-                        send(&out, &Report::Progress { done, total });
+                    if let Some((done, total)) = shared.now() {
+                        send(&to, &Report::Progress { done, total });
                     }
                 }
-            })
+            });
+            let result = write(&progress);
+            drop(done);
+            if let Ok(r) = reporter {
+                let _ = r.join();
+            }
+            match result {
+                Ok(w) => Report::Written(w),
+                Err(e) => Report::Failed(e),
+            }
         };
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(&progress)))
-            .unwrap_or_else(|_| Err("the image's writer panicked".into()));
-        drop(done);
-        let _ = reporter.join();
-        let report = match result {
-            Ok(w) => Report::Written(w),
-            Err(e) => Report::Failed(e),
-        };
-        send(&self.out, &report);
+        let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .unwrap_or_else(|_| Report::Failed("the image's writer panicked".into()));
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| send(&out, &report)));
         // SAFETY: ends this process without running the parent's exit
         // handlers or destructors a second time.
         unsafe { libc::_exit(0) }

@@ -135,8 +135,8 @@ pub struct SnapshotOptions {
     pub parent_id: Option<String>,
     /// Keep a running VM paused until the whole image is written. By
     /// default it pauses only while its state is captured and a copy of
-    /// the VMM forked to write the image (a VM with a disk, or whose
-    /// memory is still arriving from a lazy restore, pauses throughout).
+    /// the VMM forked to write the image, which holds memory and disks as
+    /// they were at the pause (with --no-disk it pauses throughout).
     #[arg(long)]
     #[serde(default)]
     pub full_pause: bool,

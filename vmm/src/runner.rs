@@ -618,6 +618,15 @@ fn checkpoint(
         progress,
     );
     let mut pause_ms = ms_since(t_pause);
+    // What happened, which may not be what was meant.
+    let background = matches!(started, Ok(Started::Writing(_)));
+    let full_pause = match &started {
+        Ok(Started::Written {
+            fell_back: Some(why),
+            ..
+        }) => Some(why.clone()),
+        _ => full_pause,
+    };
     // After a write in the background has started, or a failed snapshot,
     // or a whole one, the VM carries on unless asked to stop, or stays
     // paused if it was.
@@ -626,9 +635,8 @@ fn checkpoint(
     if !stop_now && was_running {
         if let Err(e) = machine.resume() {
             log::error!("cannot resume the VM after a snapshot: {e}");
-            if let Ok(Started::Writing { write, .. }) = started {
-                let _ = write.wait(progress);
-                machine.release_disks();
+            if let Ok(Started::Writing(w)) = started {
+                let _ = w.wait(machine, progress);
             }
             return (Err(failure(e)), true);
         }
@@ -811,17 +819,41 @@ enum Started {
     Written {
         written: image::Written,
         capture_ms: f64,
-        t0: Instant,
+        /// Capture and write.
+        total_ms: f64,
+        /// Why a write meant for the background was not.
+        fell_back: Option<String>,
     },
     /// Being written by a child process while the VM runs.
-    Writing {
-        write: BackgroundWrite,
-        /// The temporary file the child writes, to remove if it dies.
-        tmp: Option<PathBuf>,
-        capture_ms: f64,
-        fork_ms: f64,
-        t0: Instant,
-    },
+    Writing(Writing),
+}
+
+/// An image a forked child is writing.
+struct Writing {
+    write: BackgroundWrite,
+    /// The temporary file the child writes, to remove if it dies.
+    tmp: Option<PathBuf>,
+    capture_ms: f64,
+    fork_ms: f64,
+    t0: Instant,
+}
+
+impl Writing {
+    /// Waits for the child and ends the disks' logs: what it wrote, and
+    /// how many blocks the disks kept for it.
+    fn wait(
+        self,
+        machine: &Machine,
+        progress: &image::Progress,
+    ) -> Result<(image::Written, u64), background::BackgroundError> {
+        let result = self.write.wait(progress);
+        let kept = machine.release_disks();
+        if let (Some(tmp), Err(background::BackgroundError::Vanished { .. })) = (&self.tmp, &result)
+        {
+            let _ = std::fs::remove_file(tmp);
+        }
+        result.map(|w| (w, kept))
+    }
 }
 
 /// Saves a paused machine's state and writes its image, or with
@@ -876,35 +908,41 @@ fn snapshot(
         };
         image::write(&state, machine.ram(), &disks, options, &how, output)
     };
-    if !background {
-        let written = write(output, progress);
-        let written = written.inspect_err(|_| machine_abandon(machine, options, parent))?;
-        return Ok(Started::Written {
-            written,
-            capture_ms,
-            t0,
-        });
-    }
     let t_fork = Instant::now();
-    let forked = match background::fork() {
-        Ok(f) => f,
-        Err(e) => {
-            machine.release_disks();
-            machine_abandon(machine, options, parent);
-            return Err(e.into());
-        }
+    let forked = if background {
+        Some(background::fork())
+    } else {
+        None
     };
     match forked {
-        background::Forked::Child(child) => {
+        None | Some(Err(_)) => {
+            // A writer that cannot be forked (no memory, a process limit):
+            // the image is written with the VM paused instead.
+            let fell_back = forked.and_then(Result::err).map(|e| {
+                let why = crate::error_chain(&e);
+                log::warn!("snapshot: {why}; writing the image with the VM paused");
+                machine.release_disks();
+                why
+            });
+            let written = write(output, progress);
+            let written = written.inspect_err(|_| machine_abandon(machine, options, parent))?;
+            Ok(Started::Written {
+                written,
+                capture_ms,
+                total_ms: ms_since(t0),
+                fell_back,
+            })
+        }
+        Some(Ok(background::Forked::Child(child))) => {
             child.finish(|progress| write(output, progress).map_err(|e| crate::error_chain(&e)))
         }
-        background::Forked::Parent(write) => Ok(Started::Writing {
+        Some(Ok(background::Forked::Parent(write))) => Ok(Started::Writing(Writing {
             write,
             tmp: output.disown(),
             capture_ms,
             fork_ms: ms_since(t_fork),
             t0,
-        }),
+        })),
     }
 }
 
@@ -929,41 +967,31 @@ fn finish_snapshot(
     progress: &image::Progress,
 ) -> Result<serde_json::Value, SnapshotError> {
     // In the background: the fork's time, and the disk blocks kept.
-    let (written, capture_ms, fork_ms, t0) = match started {
+    let (written, capture_ms, ms, fork_ms) = match started {
         Started::Written {
             written,
             capture_ms,
-            t0,
-        } => (written, capture_ms, None, t0),
-        Started::Writing {
-            write,
-            tmp,
-            capture_ms,
-            fork_ms,
-            t0,
-        } => match write.wait(progress) {
-            Ok(w) => {
-                let kept = machine.release_disks();
-                (w, capture_ms, Some((fork_ms, kept)), t0)
-            }
-            Err(e) => {
-                machine.release_disks();
-                if track {
-                    machine.abandon_image();
+            total_ms,
+            ..
+        } => (written, capture_ms, total_ms, None),
+        Started::Writing(w) => {
+            let (capture_ms, fork_ms, t0) = (w.capture_ms, w.fork_ms, w.t0);
+            match w.wait(machine, progress) {
+                Ok((written, kept)) => (written, capture_ms, ms_since(t0), Some((fork_ms, kept))),
+                Err(e) => {
+                    if track {
+                        machine.abandon_image();
+                    }
+                    return Err(SnapshotError::Background(e));
                 }
-                if let (Some(tmp), background::BackgroundError::Vanished { .. }) = (tmp, &e) {
-                    let _ = std::fs::remove_file(tmp);
-                }
-                return Err(SnapshotError::Background(e));
             }
-        },
+        }
     };
     if track {
         machine.record_image(written.id);
     } else if let Err(e) = machine.stop_tracking() {
         log::warn!("{}", crate::error_chain(&e));
     }
-    let ms = t0.elapsed().as_secs_f64() * 1000.0;
     log::info!(
         "snapshot {} written to {}: {} bytes in {ms:.0} ms",
         written.image_id,

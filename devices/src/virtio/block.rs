@@ -347,7 +347,13 @@ impl Block {
                     .get_mut()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if let Some(log) = pre_write {
-                    log.before_write(off, n as u64, |b, o| disk.read_at(b, o));
+                    if let Err(e) = log.before_write(off, n as u64, |b, o| disk.read_at(b, o)) {
+                        log::warn!(
+                            "virtio-blk: a write to {} cannot wait for the snapshot being written: {e}",
+                            self.path.display()
+                        );
+                        return VIRTIO_BLK_S_IOERR;
+                    }
                 }
                 if let Err(e) = self.disk.write_at(&buf[..n], off) {
                     log::warn!("virtio-blk: write to {} failed: {e}", self.path.display());

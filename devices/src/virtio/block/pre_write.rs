@@ -19,6 +19,10 @@ use std::os::unix::fs::FileExt;
 /// The unit of copying.
 pub const BLOCK: u64 = 4096;
 
+/// The most a log holds: past it, blocks are flagged lost and the image
+/// fails, rather than the VMM's memory growing with the guest's writes.
+pub const MAX_KEPT: u64 = 1 << 30;
+
 /// A block's flag: not copied (the disk still holds it as it was).
 const UNTOUCHED: u8 = 0;
 /// Copied: the log holds what the block was.
@@ -41,6 +45,11 @@ impl PreWriteLog {
     /// `disk_size` bytes.
     pub fn new(log: File, disk_size: u64) -> io::Result<Self> {
         log.set_len(data_start(disk_size) + disk_size)?;
+        // The flags are written now, so that setting one later needs no
+        // memory (a flag that could not be set would be a block silently
+        // taken as it is now).
+        let flags = vec![UNTOUCHED; disk_size.div_ceil(BLOCK) as usize];
+        log.write_all_at(&flags, 0)?;
         let blocks = disk_size.div_ceil(BLOCK);
         Ok(PreWriteLog {
             log,
@@ -57,14 +66,15 @@ impl PreWriteLog {
 
     /// Keeps every block of `[off, off + len)` not kept yet, reading
     /// them with `read` (the disk as the guest sees it). A block that
-    /// cannot be kept is flagged lost, and the reader fails: the guest's
-    /// write goes ahead either way.
+    /// cannot be kept (or past [`MAX_KEPT`]) is flagged lost, and the
+    /// reader fails; the guest's write goes ahead. Fails only if a flag
+    /// cannot be set: then the write must not happen.
     pub fn before_write(
         &mut self,
         off: u64,
         len: u64,
         read: impl Fn(&mut [u8], u64) -> io::Result<()>,
-    ) {
+    ) -> io::Result<()> {
         let end = (off + len).min(self.disk_size);
         let mut buf = vec![0u8; BLOCK as usize];
         let mut block = off / BLOCK;
@@ -74,10 +84,14 @@ impl PreWriteLog {
                 self.done[word] |= bit;
                 let start = block * BLOCK;
                 let n = BLOCK.min(self.disk_size - start) as usize;
-                let kept = read(&mut buf[..n], start).and_then(|()| {
-                    self.log
-                        .write_all_at(&buf[..n], data_start(self.disk_size) + start)
-                });
+                let kept = if self.kept * BLOCK >= MAX_KEPT {
+                    Err(io::Error::other("the log is full"))
+                } else {
+                    read(&mut buf[..n], start).and_then(|()| {
+                        self.log
+                            .write_all_at(&buf[..n], data_start(self.disk_size) + start)
+                    })
+                };
                 let flag = if kept.is_ok() { KEPT } else { LOST };
                 self.kept += u64::from(flag == KEPT);
                 if let Err(e) = kept {
@@ -85,14 +99,11 @@ impl PreWriteLog {
                         "virtio-blk: cannot keep block {block} for a snapshot being written: {e}"
                     );
                 }
-                if let Err(e) = self.log.write_all_at(&[flag], block) {
-                    log::warn!(
-                        "virtio-blk: cannot flag block {block} for a snapshot being written: {e}"
-                    );
-                }
+                self.log.write_all_at(&[flag], block)?;
             }
             block += 1;
         }
+        Ok(())
     }
 }
 
@@ -115,7 +126,7 @@ pub fn patch_from_log(log: &File, disk_size: u64, off: u64, buf: &mut [u8]) -> i
             KEPT => {}
             _ => {
                 return Err(io::Error::other(format!(
-                    "the VM wrote block {block} of the disk during the snapshot and its old contents could not be kept"
+                    "the VM overwrote block {block} while the image was written and its old contents could not be kept (--full-pause avoids this)"
                 )))
             }
         }
@@ -152,7 +163,7 @@ mod tests {
         // Writes across blocks 1..2 and into the short last block, twice.
         for _ in 0..2 {
             for (off, len) in [(BLOCK + 100, BLOCK), (3 * BLOCK + 10, 100)] {
-                pre.before_write(off, len, read);
+                pre.before_write(off, len, read).unwrap();
                 disk.write_all_at(&vec![0xEE; len as usize], off).unwrap();
             }
         }
@@ -173,7 +184,8 @@ mod tests {
         let size = 4 * BLOCK;
         let log = tmp();
         let mut pre = PreWriteLog::new(log.try_clone().unwrap(), size).unwrap();
-        pre.before_write(BLOCK, 10, |_, _| Err(io::Error::other("gone")));
+        pre.before_write(BLOCK, 10, |_, _| Err(io::Error::other("gone")))
+            .unwrap();
         let mut buf = vec![0u8; size as usize];
         let e = patch_from_log(&log, size, 0, &mut buf).unwrap_err();
         assert!(e.to_string().contains("block 1"), "{e}");
