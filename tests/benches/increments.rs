@@ -18,7 +18,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmm_tests::bench::{env_usize, summary};
+use vmm_tests::bench::{env_usize, summary, until_tick};
 use vmm_tests::test_guest::run_args;
 use vmm_tests::{vmm_in, Running, Scratch};
 
@@ -41,14 +41,7 @@ fn snapshot(dir: &Path, out: &str, extra: &[&str]) -> (f64, serde_json::Value) {
 fn restore_to_tick(dir: &Path, image: &str) -> f64 {
     let start = Instant::now();
     let mut r = Running::spawn(&["restore", "--eager", "--from", image], dir);
-    assert!(
-        r.wait_for_every(Duration::from_millis(1), Duration::from_secs(300), |o| o
-            .contains("tick ")),
-        "no tick:\n{}\n{}",
-        r.output(),
-        r.stderr()
-    );
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let ms = until_tick(&mut r, start);
     let _ = r.kill();
     ms
 }

@@ -22,6 +22,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vmm_tests::bench::until_tick;
 use vmm_tests::{vmm_bin, workspace, Running, Scratch};
 
 fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -32,18 +33,6 @@ fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
 fn fmt(v: &[f64]) -> String {
     let (m, lo, hi) = median_spread(v.to_vec());
     format!("{m:8.1} ms ({lo:.1}..{hi:.1})")
-}
-
-/// Seconds until the guest prints a tick.
-fn until_tick(r: &mut Running, start: Instant) -> f64 {
-    assert!(
-        r.wait_for_every(Duration::from_millis(1), Duration::from_secs(300), |o| o
-            .contains("tick ")),
-        "no tick:\n{}\n{}",
-        r.output(),
-        r.stderr()
-    );
-    start.elapsed().as_secs_f64() * 1000.0
 }
 
 fn snapshot(dir: &Path, compress: &str, out: &str) -> f64 {

@@ -101,6 +101,21 @@ pub mod test_guest {
 
 /// What the benchmarks share: their knobs and how they print.
 pub mod bench {
+    use std::time::{Duration, Instant};
+
+    /// Milliseconds from `start` until the test guest in `r` prints its
+    /// first tick (looking every millisecond).
+    pub fn until_tick(r: &mut super::Running, start: Instant) -> f64 {
+        assert!(
+            r.wait_for_every(Duration::from_millis(1), Duration::from_secs(300), |o| o
+                .contains("tick ")),
+            "no tick:\n{}\n{}",
+            r.output(),
+            r.stderr()
+        );
+        start.elapsed().as_secs_f64() * 1000.0
+    }
+
     /// A numeric knob from the environment.
     pub fn env_usize(name: &str, default: usize) -> usize {
         std::env::var(name)

@@ -538,7 +538,7 @@ impl ParentImage {
 /// `parent`), base first, each read up to its memory. A parent is looked
 /// for at the path its child recorded, then under the same file name next
 /// to the child (images moved together); it must carry the id its child
-/// names.
+/// names, and the chain must hold together (`snapshot::check_chain`).
 fn open_parents(
     top: &Header,
     parent: Option<&ParentRef>,
@@ -625,6 +625,9 @@ fn open_parents(
         });
     }
     chain.reverse();
+    let mut headers: Vec<&Header> = chain.iter().map(|p| p.reader.header()).collect();
+    headers.push(top);
+    snapshot::check_chain(&headers)?;
     Ok(chain)
 }
 
@@ -634,9 +637,6 @@ pub fn parents_of(path: &str) -> Result<Vec<(String, PathBuf)>, ImageError> {
     let file = File::open(path).map_err(SnapshotError::Read)?;
     let image = ImageIn::open(Box::new(file), path)?;
     let parents = open_parents(image.header(), image.parent.as_ref(), path)?;
-    let mut headers: Vec<&Header> = parents.iter().map(|p| p.reader.header()).collect();
-    headers.push(image.header());
-    snapshot::check_chain(&headers)?;
     Ok(parents
         .iter()
         .map(|p| (id_hex(&p.reader.header().image_id), p.path.clone()))
@@ -646,12 +646,13 @@ pub fn parents_of(path: &str) -> Result<Vec<(String, PathBuf)>, ImageError> {
 /// Writes the increment at `source` and the images below it as one full
 /// image at `out`, atomically: the increment's states and disks, and the
 /// chain's memory merged (in this process's memory: only pages with data
-/// take room). Returns what was written.
+/// take room). Returns what was written, and how many images were below
+/// the increment.
 pub fn flatten(
     source: &str,
     out: &Path,
     compression: snapshot::Compression,
-) -> Result<Written, ImageError> {
+) -> Result<(Written, usize), ImageError> {
     let file = File::open(source).map_err(SnapshotError::Read)?;
     let mut top = ImageReader::new(BufReader::with_capacity(1 << 20, file))?;
     let mut states = Vec::new();
@@ -674,9 +675,6 @@ pub fn flatten(
         }
     };
     let parents = open_parents(top.header(), parent.as_ref(), source)?;
-    let mut headers: Vec<&Header> = parents.iter().map(|p| p.reader.header()).collect();
-    headers.push(top.header());
-    snapshot::check_chain(&headers)?;
     let mut memory: Vec<(u64, Vec<u8>)> = layout
         .regions
         .iter()
@@ -690,6 +688,7 @@ pub fn flatten(
         threads: 0,
         dest_is_zeroed: true,
     };
+    let below = parents.len();
     for p in parents {
         p.check_layout(&layout)?;
         let mut r = p.reader;
@@ -750,12 +749,13 @@ pub fn flatten(
         .map_err(|e| ImageError::Image(SnapshotError::Write(e.into_error())))?;
     let destination = atomic.destination().display().to_string();
     atomic.commit(file)?;
-    Ok(Written {
+    let written = Written {
         id: header.image_id,
         image_id: id_hex(&header.image_id),
         destination,
         summary,
-    })
+    };
+    Ok((written, below))
 }
 
 /// An image being read: its states are in, its memory and disks follow.
@@ -919,9 +919,6 @@ impl ImageIn {
             }
             None if reader.header().is_incremental() => {
                 let parents = open_parents(reader.header(), parent.as_ref(), &source)?;
-                let mut headers: Vec<&Header> = parents.iter().map(|p| p.reader.header()).collect();
-                headers.push(reader.header());
-                snapshot::check_chain(&headers)?;
                 for (i, p) in parents.into_iter().enumerate() {
                     p.check_layout(&layout)?;
                     let mut r = p.reader;

@@ -409,6 +409,15 @@ impl Machine {
         self.page_server.as_ref().map(PageServer::stats)
     }
 
+    /// Waits, at most `limit`, until a lazy restore has brought all of
+    /// memory in; whether it has (true at once for a VM not restored
+    /// lazily).
+    pub fn wait_for_memory(&self, limit: std::time::Duration) -> bool {
+        self.page_server
+            .as_ref()
+            .is_none_or(|p| p.wait_filled(limit).done)
+    }
+
     /// [`Machine::memory_fill`], as a handle for other threads.
     pub fn memory_fill_monitor(&self) -> Option<crate::page_server::FillMonitor> {
         self.page_server.as_ref().map(PageServer::monitor)

@@ -395,10 +395,7 @@ fn image_cmd(command: ImageCommand) -> anyhow::Result<i32> {
             out,
             compress,
         } => {
-            let below = vmm::image::parents_of(&image)
-                .with_context(|| format!("cannot flatten {image}"))?
-                .len();
-            let written = vmm::image::flatten(&image, &out, compress)
+            let (written, below) = vmm::image::flatten(&image, &out, compress)
                 .with_context(|| format!("cannot flatten {image}"))?;
             let line = format!(
                 "flattened {image} and the {below} image(s) below it into {}: full image {}, {}\n",

@@ -254,16 +254,15 @@ impl PageServer {
         FillMonitor(self.server.stats.clone())
     }
 
-    /// Waits until every chunk is in.
-    pub fn wait_filled(&self) -> FillStats {
-        let mut s = lock(&self.server.stats);
-        while !s.done {
-            s = self
-                .server
-                .changed
-                .wait(s)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+    /// Waits until every chunk is in, at most `limit`; where the fill
+    /// stands then.
+    pub fn wait_filled(&self, limit: std::time::Duration) -> FillStats {
+        let s = lock(&self.server.stats);
+        let (s, _) = self
+            .server
+            .changed
+            .wait_timeout_while(s, limit, |s| !s.done)
+            .unwrap_or_else(|e| e.into_inner());
         *s
     }
 }

@@ -675,13 +675,8 @@ const FILL_WAIT: Duration = Duration::from_secs(30);
 /// Waits, at most `limit`, until a lazily restored machine has all of its
 /// memory (at once if it was not restored lazily). The time it waited, ms.
 fn wait_for_memory(machine: &Machine, limit: Duration) -> f64 {
-    let Some(fill) = machine.memory_fill_monitor() else {
-        return 0.0;
-    };
     let t0 = Instant::now();
-    while !fill.now().done && t0.elapsed() < limit {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    machine.wait_for_memory(limit);
     let ms = ms_since(t0);
     if ms > 1.0 {
         log::info!("snapshot: waited {ms:.0} ms for the lazy restore to bring in all of memory");
