@@ -1,6 +1,7 @@
 //! Helpers for the integration tests: they run the real `vmm` binary on real
 //! guests under KVM and assert on what the guest itself prints.
 
+pub mod disk;
 pub mod netns;
 pub mod oci;
 pub mod vsock;

@@ -8,10 +8,7 @@
 //! One Linux boot for the whole binary ([`booted`]); the other tests
 //! restore the images it left.
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -88,39 +85,6 @@ fn wait_for_agent(sock: &Path, generation: u64) {
 
 fn shutdown(sock: &Path) {
     let _ = vmm::client::json(sock, "PUT", "/vm/shutdown", &serde_json::json!({}));
-}
-
-/// The disk of the first disk section of `image`, written to `out`.
-fn extract_disk(image: &Path, out: &Path) {
-    let mut r = snapshot::ImageReader::new(BufReader::new(File::open(image).unwrap())).unwrap();
-    loop {
-        match r.next_section().unwrap() {
-            snapshot::Section::Disk(_) => {
-                let file = File::create(out).unwrap();
-                let opts = snapshot::ApplyOptions {
-                    threads: 0,
-                    dest_is_zeroed: true,
-                };
-                r.read_disk_into(&file, opts).unwrap();
-                return;
-            }
-            snapshot::Section::End => panic!("{} has no disk", image.display()),
-            _ => {}
-        }
-    }
-}
-
-/// `e2fsck -n` (check only): (clean, its report).
-fn fsck(disk: &Path) -> (bool, String) {
-    let o = Command::new("e2fsck")
-        .args(["-f", "-n"])
-        .arg(disk)
-        .output()
-        .expect("run e2fsck (e2fsprogs)");
-    (
-        o.status.success(),
-        format!("{}{}", text(&o.stdout), text(&o.stderr)),
-    )
 }
 
 /// Boots the guest with a snapshot directory, checkpoints it from inside
@@ -208,7 +172,7 @@ fn booted() -> &'static Booted {
         std::fs::copy(&rootfs, &frozen_copy).unwrap();
         let o = agent(&sock, &["thaw"], b"");
         assert!(o.status.success(), "{}", text(&o.stderr));
-        let (clean, report) = fsck(&frozen_copy);
+        let (clean, report) = vmm_tests::disk::fsck(&frozen_copy);
         assert!(
             clean,
             "the disk copied while frozen is not clean:\n{report}"
@@ -455,8 +419,8 @@ fn a_snapshot_taken_while_the_guest_writes_has_a_clean_disk() {
         text(&inspect.stdout)
     );
     let disk = b.dir.join("base-disk.ext4");
-    extract_disk(&b.base, &disk);
-    let (clean, report) = fsck(&disk);
+    vmm_tests::disk::extract(&b.base, &disk);
+    let (clean, report) = vmm_tests::disk::fsck(&disk);
     let _ = std::fs::remove_file(&disk);
     assert!(clean, "the quiesced image's disk is not clean:\n{report}");
 }
@@ -575,8 +539,8 @@ fn a_linux_guest_writing_its_disk_pauses_only_for_the_capture() {
     r.end();
 
     let disk = b.dir.join("churn-disk.ext4");
-    extract_disk(&b.dir.join("churn.vmm"), &disk);
-    let (clean, report) = fsck(&disk);
+    vmm_tests::disk::extract(&b.dir.join("churn.vmm"), &disk);
+    let (clean, report) = vmm_tests::disk::fsck(&disk);
     let _ = std::fs::remove_file(&disk);
     assert!(clean, "the disk in the image is not clean:\n{report}");
 

@@ -279,3 +279,105 @@ fn a_changed_rootfs_or_a_corrupt_image_means_a_boot_and_a_new_image() {
     assert_ne!(after, names);
     warm(s, &["true"]);
 }
+
+/// The numbers of the `mark N` lines in `out`.
+fn marks(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("mark "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// A running ephemeral VM (its disk a copy-on-write overlay of the
+/// rootfs) that keeps rewriting a file is snapshotted with the short
+/// pause: the overlay in the image is the one of the pause, whatever the
+/// guest wrote while the image was being written. The restored guest
+/// carries on from that file's value.
+#[test]
+fn an_ephemeral_vm_is_snapshotted_with_its_disk_of_that_instant() {
+    if !kvm_available("an_ephemeral_vm_is_snapshotted_with_its_disk_of_that_instant") {
+        return;
+    }
+    let s = setup();
+    let sock = s.dir.join("eph.sock");
+    let script = "i=0; while :; do i=$((i+1)); echo $i > /root/mark; sync; echo mark $i; done";
+    let mut vm = Running::spawn_env(
+        &[
+            "run",
+            "--ephemeral",
+            "--rootfs",
+            s.rootfs.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+        &s.dir,
+        &env(s),
+    );
+    assert!(
+        vm.wait_for(WARM_TIMEOUT, |o| marks(o).len() >= 2),
+        "{}\n{}",
+        vm.output(),
+        vm.stderr()
+    );
+    // The slowest compression keeps the writer busy while the guest goes
+    // on rewriting the file.
+    let o = vmm_tests::vmm_in(
+        &s.dir,
+        &[
+            "snapshot",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--out",
+            "eph.img",
+            "--compress",
+            "zstd:19",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(a["background"], true, "{a}");
+    let ran = vm.kill();
+
+    let disk = s.dir.join("eph-disk.ext4");
+    vmm_tests::disk::extract(&s.dir.join("eph.img"), &disk);
+    let (clean, report) = vmm_tests::disk::fsck(&disk);
+    let mark = vmm_tests::disk::cat(&disk, "/root/mark");
+    let _ = std::fs::remove_file(&disk);
+    assert!(clean, "the disk in the image is not clean:\n{report}");
+    let at_pause: u64 = mark
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("/root/mark holds {mark:?}"));
+
+    // The restored guest's loop goes on from the file's value: the line
+    // it had not printed yet, or the next one.
+    let disks = s.dir.join("eph-disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let mut r = Running::spawn_env(
+        &[
+            "restore",
+            "--from",
+            "eph.img",
+            "--disk-dir",
+            disks.to_str().unwrap(),
+        ],
+        &s.dir,
+        &env(s),
+    );
+    let ok = r.wait_for(WARM_TIMEOUT, |o| !marks(o).is_empty());
+    let after = r.kill();
+    let _ = std::fs::remove_dir_all(&disks);
+    assert!(ok, "{}\n{}", after.out(), after.stderr);
+    let next = marks(&after.out())[0];
+    assert!(
+        next == at_pause || next == at_pause + 1,
+        "the image's disk says {at_pause}, the restored guest went on with {next} \
+         (the running guest had got to {:?})",
+        marks(&ran.out()).last()
+    );
+}
