@@ -532,6 +532,8 @@ fn a_linux_guest_writing_its_disk_pauses_only_for_the_capture() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(a["background"], true, "{a}");
+    // e2fsck -n does not replay the journal: the freeze must have run.
+    assert_eq!(a["quiesced"], true, "{a}");
     assert!(
         a["disk_blocks_kept"].as_u64().unwrap_or(0) > 0,
         "the guest wrote nothing while the image was written: {a}"

@@ -341,6 +341,13 @@ fn an_ephemeral_vm_is_snapshotted_with_its_disk_of_that_instant() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(a["background"], true, "{a}");
+    // e2fsck -n and debugfs do not replay the journal: the agent's freeze
+    // must have flushed it.
+    assert_eq!(a["quiesced"], true, "{a}");
+    assert!(
+        a["disk_blocks_kept"].as_u64().unwrap_or(0) > 0,
+        "the guest wrote nothing while the image was written: {a}"
+    );
     let ran = vm.kill();
 
     let disk = s.dir.join("eph-disk.ext4");

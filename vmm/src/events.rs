@@ -136,7 +136,9 @@ pub struct SnapshotOptions {
     /// Keep a running VM paused until the whole image is written. By
     /// default it pauses only while its state is captured and a copy of
     /// the VMM forked to write the image, which holds memory and disks as
-    /// they were at the pause (with --no-disk it pauses throughout).
+    /// they were at the pause. It pauses throughout anyway with --no-disk,
+    /// when a lazy restore's memory is still arriving after 30 s, or when
+    /// the writer cannot be forked; the answer says why.
     #[arg(long)]
     #[serde(default)]
     pub full_pause: bool,

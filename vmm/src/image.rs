@@ -653,6 +653,10 @@ pub fn flatten(
     out: &Path,
     compression: snapshot::Compression,
 ) -> Result<(Written, usize), ImageError> {
+    // States that would not restore are refused, not copied: read them
+    // as a restore does (they are small; the memory is not read here).
+    let file = File::open(source).map_err(SnapshotError::Read)?;
+    ImageIn::open(Box::new(file), source)?;
     let file = File::open(source).map_err(SnapshotError::Read)?;
     let mut top = ImageReader::new(BufReader::with_capacity(1 << 20, file))?;
     let mut states = Vec::new();

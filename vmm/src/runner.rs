@@ -873,10 +873,12 @@ fn snapshot(
     let disks = machine.disks()?;
     // The child reads the disks while the VM writes them: their devices
     // keep what they overwrite for it.
-    let kept_disks = if background {
-        machine.keep_disks_for_reader()?
-    } else {
-        Vec::new()
+    let (kept_disks, fell_back) = match background {
+        false => (Vec::new(), None),
+        true => match machine.keep_disks_for_reader() {
+            Ok(logs) => (logs, None),
+            Err(e) => (Vec::new(), Some(crate::error_chain(&e))),
+        },
     };
     // Tracking costs the guest (small pages while logged): only when asked
     // for, and on from an increment on.
@@ -904,21 +906,23 @@ fn snapshot(
         image::write(&state, machine.ram(), &disks, options, &how, output)
     };
     let t_fork = Instant::now();
-    let forked = if background {
+    let forked = if background && fell_back.is_none() {
         Some(background::fork())
     } else {
         None
     };
     match forked {
         None | Some(Err(_)) => {
-            // A writer that cannot be forked (no memory, a process limit):
-            // the image is written with the VM paused instead.
-            let fell_back = forked.and_then(Result::err).map(|e| {
-                let why = crate::error_chain(&e);
-                log::warn!("snapshot: {why}; writing the image with the VM paused");
+            // Disks that cannot be kept or a writer that cannot be forked
+            // (no memory, a process limit): the image is written with the
+            // VM paused instead.
+            let fell_back = forked.and_then(Result::err).map_or(fell_back, |e| {
                 machine.release_disks();
-                why
+                Some(crate::error_chain(&e))
             });
+            if let Some(why) = &fell_back {
+                log::warn!("snapshot: {why}; writing the image with the VM paused");
+            }
             let written = write(output, progress);
             let written = written.inspect_err(|_| machine_abandon(machine, options, parent))?;
             Ok(Started::Written {

@@ -81,7 +81,6 @@ impl PreWriteLog {
         while block * BLOCK < end {
             let (word, bit) = ((block / 64) as usize, 1u64 << (block % 64));
             if self.done[word] & bit == 0 {
-                self.done[word] |= bit;
                 let start = block * BLOCK;
                 let n = BLOCK.min(self.disk_size - start) as usize;
                 let kept = if self.kept * BLOCK >= MAX_KEPT {
@@ -93,13 +92,16 @@ impl PreWriteLog {
                     })
                 };
                 let flag = if kept.is_ok() { KEPT } else { LOST };
-                self.kept += u64::from(flag == KEPT);
                 if let Err(e) = kept {
                     log::warn!(
                         "virtio-blk: cannot keep block {block} for a snapshot being written: {e}"
                     );
                 }
+                // Handled once flagged: a block whose flag could not be
+                // set is tried again by the next write to it.
                 self.log.write_all_at(&[flag], block)?;
+                self.done[word] |= bit;
+                self.kept += u64::from(flag == KEPT);
             }
             block += 1;
         }
