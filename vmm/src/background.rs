@@ -96,6 +96,7 @@ pub fn fork() -> Result<Forked, BackgroundError> {
                 }
                 libc::setpriority(libc::PRIO_PROCESS, 0, WRITER_NICE);
             }
+            close_pipe_readers();
             Ok(Forked::Child(Child {
                 out: Arc::new(std::sync::Mutex::new(writer)),
             }))
@@ -106,6 +107,38 @@ pub fn fork() -> Result<Forked, BackgroundError> {
                 pid,
                 reports: BufReader::new(reader),
             }))
+        }
+    }
+}
+
+/// Closes, in the child, every pipe end it could read from. It reads no
+/// pipe; but a read end it kept would keep a write end blocked for good:
+/// an image streamed through the API (a pipe the API thread relays) whose
+/// client went away would fill the pipe and never get EPIPE, the child
+/// holding the only reader left, and the VMM waiting for the child.
+fn close_pipe_readers() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<libc::c_int> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        // SAFETY: a zeroed `stat` is a valid buffer for fstat to fill.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat and fcntl(F_GETFL) on a descriptor number only
+        // read its state; the pointer is to `st` above.
+        let is_reader = unsafe {
+            libc::fstat(fd, &mut st) == 0
+                && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+                && libc::fcntl(fd, libc::F_GETFL) & libc::O_ACCMODE == libc::O_RDONLY
+        };
+        if is_reader {
+            // SAFETY: closes the child's copy of a pipe's read end; no
+            // object the child goes on using owns it (it reads no pipe,
+            // and the objects that do own one are never dropped: the
+            // child leaves through `_exit`).
+            unsafe { libc::close(fd) };
         }
     }
 }
