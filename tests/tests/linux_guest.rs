@@ -71,6 +71,9 @@ fn linux_boots_to_an_interactive_shell() {
         vm.output(),
         vm.stderr()
     );
+    // The kernel's clock before the snapshot is asked for: the VM pauses
+    // after it, and runs on while the image is written.
+    let snapshot_uptime = last_kernel_timestamp(&vm.output());
     let snap = vmm_in(
         &s.0,
         &[
@@ -86,7 +89,6 @@ fn linux_boots_to_an_interactive_shell() {
         "{}",
         String::from_utf8_lossy(&snap.stderr)
     );
-    let snapshot_uptime = last_kernel_timestamp(&vm.output());
     assert!(
         vm.wait_for(BOOT_TIMEOUT, at_prompt),
         "{}\n{}",
